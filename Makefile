@@ -1,0 +1,41 @@
+# The two README commands: `make demo` (the main job on embedded defaults) and `make test`.
+# Both create .venv and install what they need. On a GPU host: make TORCH_SPEC="torch==2.13.0" \
+#   TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128" demo
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+WORKDIR ?= adrel-work
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint format bench-adapter clean install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/adrel demo --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench-adapter: install
+	$(BIN)/python benchmarks/bench_adapter.py
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache .ruff_cache

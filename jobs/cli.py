@@ -1,0 +1,87 @@
+"""The `adrel` command line. Each subcommand lives in its own jobs/<name>.py module.
+
+A command module defines `register(subparsers)`, which adds its parser(s) and sets
+`func(args) -> int` (the exit code). Jobs are thin: parse, build config, call library code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order is the order of `adrel --help`. Modules not present in this build are skipped.
+COMMAND_MODULES = (
+    "demo",
+    "data",
+    "train",
+    "export",
+    "registry",
+    "evaluate",
+    "score",
+    "serve",
+    "retrain",
+)
+
+
+class UserError(Exception):
+    """An error the user can act on: printed without a traceback, exit code 2 by default."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adrel",
+        description="Ads relevance on MTL-LoRA: ingest, train, evaluate, export, score, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"adrel {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"jobs.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"jobs.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.runtime import set_env_defaults
+
+    set_env_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"adrel {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Library code raises these with actionable messages (bad config, bad input, paths).
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"adrel {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"adrel {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adrel")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

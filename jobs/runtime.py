@@ -1,0 +1,82 @@
+"""Process-level set-up for jobs: environment defaults, the Ray cluster, MLflow locations.
+
+Library code below jobs/ never calls ray.init or picks a tracking URI: jobs do, through here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_WORKDIR = "adrel-work"
+
+
+def set_env_defaults() -> None:
+    """Offline model loading, no telemetry, a loopback-only local Ray (unless told otherwise)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
+    """Connect to `address` (or RAY_ADDRESS), else start a local cluster on 127.0.0.1.
+
+    Returns True when this call started or connected Ray (the caller should shut it down).
+    """
+    import ray
+
+    set_env_defaults()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": _worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            **kwargs,
+        )
+    return True
+
+
+def _worker_env() -> dict[str, str]:
+    keys = (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "MLFLOW_DISABLE_TELEMETRY",
+        "MLFLOW_TRACKING_URI",
+        "DO_NOT_TRACK",
+    )
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    """sqlite:////abs/workdir/mlflow.db: the embedded default tracking store."""
+    return "sqlite:///" + str((Path(workdir) / "mlflow.db").resolve())
+
+
+def default_artifact_root(workdir: str | Path) -> str:
+    return (Path(workdir) / "mlartifacts").resolve().as_uri()
+
+
+def tracking_uri(workdir: str | Path, configured: str | None = None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else the sqlite file under the work directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)

@@ -1,0 +1,1 @@
+"""adrel.pipeline"""

@@ -1,0 +1,65 @@
+"""Shared fixtures: offline env, a tiny random encoder, a sqlite MLflow in tmp, a local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jobs.runtime import set_env_defaults
+
+set_env_defaults()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 random BERT with the MiniLM tokenizer (a loadable folder)."""
+    from models.tiny import make_tiny_encoder
+
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from models.encoder import DEFAULT_ENCODER, resolve_encoder
+
+    return resolve_encoder(DEFAULT_ENCODER)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    """A real MLflow tracking store on a sqlite file in tmp (set as MLFLOW_TRACKING_URI)."""
+    uri = "sqlite:///" + str((tmp_path / "mlflow.db").resolve())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def _ray_owner():
+    state = {"started": False}
+    yield state
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_owner):
+    """A real local Ray cluster (2 CPUs, loopback), shared across tests, shut down at the end.
+
+    Tests that need their own cluster (e.g. ray.cluster_utils.Cluster) call ray.shutdown()
+    first and shut theirs down when done; the next user of this fixture starts a fresh one.
+    """
+    import ray
+
+    from jobs.runtime import ensure_ray
+
+    if not ray.is_initialized():
+        ensure_ray(num_cpus=int(os.environ.get("ADREL_TEST_RAY_CPUS", "2")))
+    yield ray
