@@ -17,6 +17,21 @@ AD_SEPARATOR = " | "
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def trim_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cut fixed-width token arrays to the longest real row of this batch (dynamic padding).
+
+    Rows tokenised with `pad_to_max=True` (as stored by the Ray ingest) share one width; a
+    consumer trims each batch so it pays only for the tokens its longest row has.
+    """
+    mask = batch["attention_mask"]
+    width = int(mask.sum(axis=1).max()) if mask.size else 0
+    out = dict(batch)
+    for c in TOKEN_COLUMNS:
+        if c in out:
+            out[c] = out[c][:, :width]
+    return out
+
+
 def ad_text(titles, descriptions=None) -> list[str]:
     """Join ad title and (optional, nullable) description into the second segment's text."""
     titles = [str(t) for t in titles]
