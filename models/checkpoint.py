@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from features.tasks import TaskRegistry
+from models.adapters import uses_task_prefix
 from models.classifier import RelevanceClassifier
 from models.config import AdapterConfig
 from models.encoder import fingerprint, load_encoder, tokenizer_dir
@@ -88,6 +89,8 @@ def save_checkpoint(
         "base_fingerprint": _base_fingerprint(model),
         "base_architecture": type(model.encoder).__name__,
         "adapter": model.adapter_cfg.to_dict(),
+        # Scorers prepend the task name to queries when set (features.tokenize.prefix_queries).
+        "task_prefix": uses_task_prefix(model.adapter_cfg.variant),
         "tasks": model.tasks.to_dict(),
         "pooling": model.pooling,
         "head_dropout": _dropout_p(model),

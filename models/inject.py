@@ -36,13 +36,16 @@ def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, router: TaskRouter) -> list[str]:
     """Freeze `model` and replace each target linear by the configured adapter, in place.
 
+    Variants that wrap no layer leave the model as it is (trainable for full fine-tuning).
     Returns the names of the adapted modules.
     """
     if cfg.variant not in ADAPTERS:
         raise ConfigError([f"variant must be one of {sorted(ADAPTERS)}, got {cfg.variant!r}"])
     layer_cls = ADAPTERS[cfg.variant]
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(not layer_cls.freezes_base)
+    if not layer_cls.wraps:
+        return []  # full fine-tuning / heads only: the encoder is used as it is
     names = find_targets(model, cfg.targets)
     for name in names:
         parent_name, _, child = name.rpartition(".")

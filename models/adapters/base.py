@@ -60,6 +60,15 @@ class AdapterLinear(nn.Module):
     """
 
     mergeable: bool = True
+    # Strategy flags read by injection, tokenisation and onboarding (see models/adapters/*):
+    # wraps: the method swaps target linears for this class (False: no layer is wrapped).
+    # freezes_base: the encoder's own weights stay frozen (False only for full fine-tuning).
+    # task_prefix: the task name is prepended to the query text at tokenisation.
+    # task_params: parameters whose first axis is the task id (one row per task).
+    wraps: bool = True
+    freezes_base: bool = True
+    task_prefix: bool = False
+    task_params: tuple[str, ...] = ()
 
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, router: TaskRouter):
         super().__init__()
@@ -83,3 +92,8 @@ class AdapterLinear(nn.Module):
 
     def delta_weight(self, task: int) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no per-task merge")
+
+    @classmethod
+    def num_params(cls, cfg: AdapterConfig, d_in: int, d_out: int) -> int:
+        """Trainable parameters this method adds to one d_in -> d_out linear layer."""
+        raise NotImplementedError(f"{cls.__name__} does not state its parameter count")

@@ -19,6 +19,8 @@ from models.config import AdapterConfig
 
 
 class MTLLoRALinear(AdapterLinear):
+    task_params = ("lora_lambda", "lora_w")
+
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, router: TaskRouter):
         super().__init__(base, cfg, router)
         r, n, T = cfg.r, cfg.n_up, cfg.num_tasks
@@ -76,3 +78,9 @@ class MTLLoRALinear(AdapterLinear):
     def delta_weight(self, task: int) -> torch.Tensor:
         """ΔW_t = (α/r) · B_t · Λ_t · A: (d_out, d_in)."""
         return self.task_up(task) @ self.lora_A * self.cfg.scaling
+
+    @classmethod
+    def num_params(cls, cfg: AdapterConfig, d_in: int, d_out: int) -> int:
+        """r·d_in + T·r (diag Λ; T·r² full) + n·d_out·r + T·n."""
+        lam = cfg.num_tasks * cfg.r * (1 if cfg.lambda_type == "diag" else cfg.r)
+        return cfg.r * d_in + lam + cfg.n_up * d_out * cfg.r + cfg.num_tasks * cfg.n_up
