@@ -14,7 +14,20 @@ import numpy as np
 from tokenizers import Tokenizer
 
 AD_SEPARATOR = " | "
+TASK_PREFIX_SEPARATOR = ": "
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def prefix_queries(queries, task_names) -> list[str]:
+    """Prepend each row's task name to its query: "<task>: <query>".
+
+    The input of variants that learn the task from the text (`lora_task_prefix`; checkpoints
+    record it as config["task_prefix"]). Pure, so training and every scorer apply the same one.
+    """
+    queries, task_names = list(queries), list(task_names)
+    if len(queries) != len(task_names):
+        raise ValueError(f"{len(queries)} queries but {len(task_names)} task names")
+    return [f"{t}{TASK_PREFIX_SEPARATOR}{q}" for q, t in zip(queries, task_names)]
 
 
 def trim_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -49,7 +62,8 @@ class PairTokenizer:
 
     Callable on a `dict[str, np.ndarray]` batch (the Ray Data pattern): adds `input_ids`,
     `attention_mask`, `token_type_ids` (N, L) where L is the longest row in the batch
-    (dynamic padding) unless `pad_to_max` is set.
+    (dynamic padding) unless `pad_to_max` is set. With `task_prefix`, the batch's `task`
+    column is prepended to each query (see `prefix_queries`).
     """
 
     def __init__(
@@ -58,6 +72,7 @@ class PairTokenizer:
         max_length: int = 128,
         min_ad_tokens: int = 16,
         pad_to_max: bool = False,
+        task_prefix: bool = False,
     ):
         if max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {max_length}")
@@ -73,6 +88,7 @@ class PairTokenizer:
         self.max_length = int(max_length)
         self.min_ad_tokens = min(int(min_ad_tokens), self.max_length // 4)
         self.pad_to_max = pad_to_max
+        self.task_prefix = bool(task_prefix)
         self.tok.no_padding()
         self.tok.no_truncation()
         self.specials = self.tok.num_special_tokens_to_add(is_pair=True)
@@ -126,6 +142,11 @@ class PairTokenizer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         desc = batch.get("ad_description")
+        queries = batch["query"]
+        if self.task_prefix:
+            if "task" not in batch:
+                raise ValueError("task_prefix is set but the batch has no 'task' column")
+            queries = prefix_queries(queries, batch["task"])
         out = dict(batch)
-        out.update(self.encode(batch["query"], batch["ad_title"], desc))
+        out.update(self.encode(queries, batch["ad_title"], desc))
         return out

@@ -17,11 +17,15 @@ def set_env_defaults() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Jobs print their own progress (rows/s, steps, ETA); Ray Data's per-operator bars would
+    # bury it in a non-interactive log. RAY_DATA_DISABLE_PROGRESS_BARS=0 brings them back.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
@@ -57,6 +61,7 @@ def _worker_env() -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY",
         "MLFLOW_TRACKING_URI",
         "DO_NOT_TRACK",
+        "RAY_DATA_DISABLE_PROGRESS_BARS",
     )
     return {k: os.environ[k] for k in keys if k in os.environ}
 

@@ -30,7 +30,9 @@ def adapter_class(variant: str) -> type[AdapterLinear]:
     try:
         return ADAPTERS[variant]
     except KeyError:
-        raise ValueError(f"unknown adapter variant {variant!r}; known: {sorted(ADAPTERS)}") from None
+        raise ValueError(
+            f"unknown adapter variant {variant!r}; known: {sorted(ADAPTERS)}"
+        ) from None
 
 
 def uses_task_prefix(variant: str) -> bool:

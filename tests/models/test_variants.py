@@ -6,8 +6,8 @@ fails when a variant is added to models.adapters.ADAPTERS without an entry here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,6 +22,15 @@ from models.merge import merge_task, merged_encoder_state
 from .helpers import tiny_model, token_batch
 
 TASKS = ("a", "b", "c")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; on a loaded shared box, threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @dataclass(frozen=True)

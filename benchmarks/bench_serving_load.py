@@ -1,0 +1,323 @@
+"""Closed-loop HTTP load on the scoring service: latency and throughput, batched vs unbatched.
+
+One item per request, on 127.0.0.1. Two apps run side by side on one Serve instance: one with
+dynamic batching (max batch size --batch-size, wait --batch-wait-ms) and one without (max batch
+size 1). Phases are interleaved round-robin (--rounds) so both share the machine's conditions,
+and each phase is bounded by a request count and a time limit. The bare Scorer's latency for
+one item (same texts, same process type, no HTTP) is measured in the same run: the difference
+is the service's own overhead. Last line: one JSON object.
+
+    python benchmarks/bench_serving_load.py [--model DIR|URI] [--requests 200] [--rounds 3]
+
+Without --model, a MiniLM-L6 checkpoint with non-zero adapters is built and exported to a
+temporary directory first (tens of seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+QUERY_WORDS = [
+    "cheap",
+    "running",
+    "shoes",
+    "women",
+    "waterproof",
+    "hiking",
+    "boots",
+    "wireless",
+    "earbuds",
+    "noise",
+    "cancelling",
+    "laptop",
+    "bag",
+    "leather",
+    "office",
+    "chair",
+    "ergonomic",
+    "coffee",
+    "grinder",
+    "burr",
+    "kids",
+    "bike",
+    "helmet",
+    "garden",
+    "hose",
+    "expandable",
+    "yoga",
+    "mat",
+    "thick",
+    "phone",
+    "case",
+    "slim",
+    "winter",
+    "jacket",
+    "men",
+    "standing",
+    "desk",
+]
+TITLE_WORDS = [
+    "official",
+    "store",
+    "free",
+    "shipping",
+    "sale",
+    "new",
+    "collection",
+    "best",
+    "price",
+    "limited",
+    "offer",
+    "premium",
+    "quality",
+    "lightweight",
+    "durable",
+    "comfortable",
+    "classic",
+    "modern",
+    "design",
+    "fast",
+    "delivery",
+    "top",
+    "rated",
+]
+
+
+def make_items(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Varied query–ad pairs (a few to ~40 tokens), like the ad server would send."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        q = " ".join(rng.choices(QUERY_WORDS, k=rng.randint(2, 6)))
+        t = " ".join(rng.choices(QUERY_WORDS + TITLE_WORDS, k=rng.randint(4, 10)))
+        d = " ".join(rng.choices(TITLE_WORDS + QUERY_WORDS, k=rng.randint(0, 16)))
+        items.append({"query": q, "ad_title": t, "ad_description": d or None})
+    return items
+
+
+def build_export(out: Path) -> Path:
+    """A MiniLM-L6 checkpoint with non-zero adapters and heads, exported for serving."""
+    import torch
+
+    from features.tasks import TaskRegistry
+    from models.checkpoint import build_model, save_checkpoint
+    from models.config import AdapterConfig
+    from models.encoder import DEFAULT_ENCODER, resolve_encoder
+    from pipeline.export import export_model
+
+    torch.manual_seed(0)
+    tasks = TaskRegistry(["search", "shopping"])
+    model = build_model(str(resolve_encoder(DEFAULT_ENCODER)), AdapterConfig(num_tasks=2), tasks)
+    with torch.no_grad():
+        for p in model.trainable_state().values():
+            p.add_(torch.randn_like(p) * 0.02)
+    ckpt = save_checkpoint(model, out / "ckpt", max_length=64)
+    export_model(ckpt, out / "export")
+    return out / "export"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_loop(
+    port: int, path: str, bodies: list[bytes], concurrency: int, requests: int, limit_s: float
+) -> dict[str, float]:
+    """`concurrency` clients each send the next request when the last answer arrived."""
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+    sent = [0]
+    deadline = time.perf_counter() + limit_s
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        i = k
+        while True:
+            with lock:
+                if sent[0] >= requests or time.perf_counter() > deadline:
+                    break
+                sent[0] += 1
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            t0 = time.perf_counter()
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            dt = time.perf_counter() - t0
+            with lock:
+                if resp.status == 200:
+                    latencies.append(dt)
+                else:
+                    errors[0] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return summarize(latencies, wall, errors[0])
+
+
+def summarize(latencies: list[float], wall: float, errors: int = 0) -> dict[str, float]:
+    lat = sorted(x * 1000 for x in latencies)
+    if not lat:
+        return {"n": 0, "errors": errors, "p50_ms": float("nan"), "p99_ms": float("nan"), "rps": 0}
+    return {
+        "n": len(lat),
+        "errors": errors,
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
+        "rps": len(lat) / wall,
+    }
+
+
+def bare_scorer(model: str, task: str, items: list[dict], n: int, threads: int | None) -> dict:
+    """The Scorer alone, one item per call, in this process: the floor under the service."""
+    from serving.scorer import load_scorers
+
+    scorer = load_scorers(model, tasks=[task], intra_op_threads=threads)[task]
+    for it in items[:5]:
+        scorer.score([it["query"]], [it["ad_title"]], [it["ad_description"]])
+    lat = []
+    t_start = time.perf_counter()
+    for i in range(n):
+        it = items[i % len(items)]
+        t0 = time.perf_counter()
+        scorer.score([it["query"]], [it["ad_title"]], [it["ad_description"]])
+        lat.append(time.perf_counter() - t0)
+    return summarize(lat, time.perf_counter() - t_start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="export directory or models:/ URI (default: build MiniLM)")
+    ap.add_argument("--task", default=None, help="task to score (default: the first)")
+    ap.add_argument("--requests", type=int, default=200, help="requests per phase")
+    ap.add_argument("--time-limit", type=float, default=20.0, help="seconds per phase at most")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all phases")
+    ap.add_argument("--batch-size", type=int, default=16, help="max batch size when batched")
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="batch wait when batched")
+    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (replica)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
+    args = ap.parse_args()
+
+    from jobs.runtime import ensure_ray, set_env_defaults
+
+    set_env_defaults()
+    tmp = tempfile.TemporaryDirectory(prefix="adrel-bench-serve-")
+    model = args.model
+    if model is None:
+        t0 = time.perf_counter()
+        model = str(build_export(Path(tmp.name)))
+        print(f"built MiniLM-L6 export in {time.perf_counter() - t0:.1f} s: {model}")
+
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import ServeConfig
+
+    ensure_ray(num_cpus=args.num_cpus)
+    port = free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        logging_config={"enable_access_log": False},
+    )
+    common = {
+        "model": model,
+        "port": port,
+        "intra_op_threads": args.threads,
+        "num_cpus_per_replica": 0,
+        "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+    }
+    apps = {
+        "batched": {"max_batch_size": args.batch_size, "batch_wait_ms": args.batch_wait_ms},
+        "unbatched": {"max_batch_size": 1, "batch_wait_ms": 0.0},
+    }
+    for name, batching in apps.items():
+        cfg = ServeConfig.build(**common, app_name=name, batching=batching)
+        serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/batched/v1/tasks")
+    info = json.loads(conn.getresponse().read())
+    conn.close()
+    task = args.task or sorted(info["tasks"])[0]
+    items = make_items(512)
+    bodies = [json.dumps({"task": task, "items": [it]}).encode() for it in items]
+
+    for name in apps:  # warm up both apps (first batches, thread pools, allocations)
+        closed_loop(port, f"/{name}/v1/score", bodies, 4, 40, 10.0)
+
+    phases = [(name, c) for c in (1, 16) for name in apps]
+    runs: dict[tuple[str, int], list[dict]] = {p: [] for p in phases}
+    bare_runs = []
+    for r in range(args.rounds):
+        for name, c in phases:
+            res = closed_loop(port, f"/{name}/v1/score", bodies, c, args.requests, args.time_limit)
+            runs[(name, c)].append(res)
+            print(
+                f"round {r} {name:9s} c={c:2d}: n={res['n']} p50={res['p50_ms']:.2f} ms "
+                f"p99={res['p99_ms']:.2f} ms rps={res['rps']:.1f} errors={res['errors']}",
+                flush=True,
+            )
+        bare = bare_scorer(model, task, items, args.requests, args.threads)
+        bare_runs.append(bare)
+        print(
+            f"round {r} bare scorer     : p50={bare['p50_ms']:.2f} ms p99={bare['p99_ms']:.2f} ms"
+        )
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/batched/v1/stats")
+    stats = json.loads(conn.getresponse().read())
+    conn.close()
+    serve.shutdown()
+
+    def med(name: str, c: int, key: str) -> float:
+        return statistics.median(x[key] for x in runs[(name, c)])
+
+    bare_p50 = statistics.median(x["p50_ms"] for x in bare_runs)
+    out = {
+        "p50_ms_c1": round(med("batched", 1, "p50_ms"), 2),
+        "p99_ms_c1": round(med("batched", 1, "p99_ms"), 2),
+        "p50_ms_c1_unbatched": round(med("unbatched", 1, "p50_ms"), 2),
+        "p50_ms_c16_batched": round(med("batched", 16, "p50_ms"), 2),
+        "p99_ms_c16_batched": round(med("batched", 16, "p99_ms"), 2),
+        "p99_ms_c16_unbatched": round(med("unbatched", 16, "p99_ms"), 2),
+        "rps_c1": round(med("batched", 1, "rps"), 1),
+        "rps_c16_batched": round(med("batched", 16, "rps"), 1),
+        "rps_c16_unbatched": round(med("unbatched", 16, "rps"), 1),
+        "batching_gain": round(med("batched", 16, "rps") / med("unbatched", 16, "rps"), 2),
+        "bare_scorer_p50_ms": round(bare_p50, 2),
+        "overhead_ms_c1": round(med("batched", 1, "p50_ms") - bare_p50, 2),
+        "mean_batch_items": round(stats["mean_batch_items"], 2),
+        "max_batch_items": stats["max_batch_items"],
+        "errors": sum(x["errors"] for rs in runs.values() for x in rs),
+        "requests_per_phase": args.requests,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "batch_wait_ms": args.batch_wait_ms,
+        "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    tmp.cleanup()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""`adrel serve`: the online scoring service (Ray Serve + FastAPI) until SIGTERM/SIGINT.
+
+    adrel serve --model URI [--host 127.0.0.1] [--port 8000] [--tasks a b] [--replicas N]
+                [--max-batch-size N] [--batch-wait-ms X] [--allow-remote]
+
+Binds 127.0.0.1 unless told otherwise; a non-loopback --host also needs --allow-remote (the
+service has no authentication). On SIGTERM or SIGINT the app is deleted (in-flight requests
+finish first) and Serve and Ray are shut down when this command started them.
+Exit codes: 0 clean shutdown, 2 bad input (configuration, model source, port in use),
+1 Ray or the service failed to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+
+EPILOG = """\
+model URIs: an export directory (index.json, or one task's directory), models:/<prefix>-<task>@<alias>,
+models:/adrel@champion (every adrel-<task> at that alias).
+
+endpoints: POST /v1/score, GET /v1/tasks, GET /v1/stats, GET /healthz, POST /v1/reload,
+GET /docs (OpenAPI).
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="online scoring service on Ray Serve (HTTP, dynamic batching, hot reload)",
+        description="Serve the merged per-task ONNX models over HTTP until SIGTERM/SIGINT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="export directory or models:/ URI")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --host (the service has no authentication)",
+    )
+    p.add_argument("--tasks", nargs="+", help="serve only these tasks (default: all)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="items per model call; 1: off")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill (default 2)"
+    )
+    p.add_argument("--max-concurrent-batches", type=int, default=1, help="batches run at once")
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        help="requests one replica takes at once (default 2 x max batch size)",
+    )
+    p.add_argument("--max-items", type=int, default=256, help="items per request (413 above)")
+    p.add_argument(
+        "--max-text-chars", type=int, default=4096, help="characters per text field (413 above)"
+    )
+    p.add_argument(
+        "--reload-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="check the model source this often and swap in a new version (0: off)",
+    )
+    p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per replica")
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: env, else workdir)")
+    p.add_argument("--workdir", default=None, help="work directory of the default MLflow store")
+    p.add_argument("--ray-address", help="connect to this Ray cluster (default: start one)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    """The validated ServeConfig for the parsed arguments (every bad value reported at once)."""
+    from jobs.runtime import DEFAULT_WORKDIR, tracking_uri
+    from serving.config import ServeConfig
+
+    uses_mlflow = args.model.startswith(("models:/", "runs:/"))
+    return ServeConfig.build(
+        model=args.model,
+        tasks=args.tasks,
+        tracking_uri=tracking_uri(args.workdir or DEFAULT_WORKDIR, args.tracking_uri)
+        if uses_mlflow
+        else None,
+        host=args.host,
+        port=args.port,
+        allow_remote=args.allow_remote,
+        replicas=args.replicas,
+        num_cpus_per_replica=args.num_cpus_per_replica,
+        intra_op_threads=args.intra_op_threads,
+        max_ongoing_requests=args.max_ongoing_requests,
+        reload_interval_s=args.reload_interval,
+        access_log=args.access_log,
+        batching={
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_ms": args.batch_wait_ms,
+            "max_concurrent_batches": args.max_concurrent_batches,
+        },
+        limits={"max_items": args.max_items, "max_text_chars": args.max_text_chars},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.cli import UserError
+    from jobs.runtime import ensure_ray, shutdown_ray
+
+    cfg = build_config(args)  # ServeConfigError (a ValueError) is printed by the CLI
+    from serving.app import check_source, start
+
+    try:
+        check_source(cfg)  # before Ray starts: a wrong path or alias fails in a second
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # our own cluster: its proxy will bind host:port
+        check_port_free(cfg.host, cfg.port)
+
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    connected = False
+    try:
+        try:
+            connected = ensure_ray(address=address, num_cpus=args.num_cpus)
+        except Exception as e:  # e.g. a raylet that did not come up
+            raise UserError(f"Ray did not start: {e}", exit_code=1) from None
+        from ray import serve
+
+        try:
+            url = start(cfg)
+        except RuntimeError as e:
+            raise UserError(f"the service failed to start: {e}", exit_code=1) from None
+        tasks = ", ".join(cfg.tasks) if cfg.tasks else "every task of the source"
+        print(f"adrel serve: {tasks} from {cfg.model} at {url} (docs: {url}/docs)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("adrel serve: shutting down (in-flight requests finish first)", flush=True)
+        if address is None:
+            serve.shutdown()
+        else:  # a shared cluster: remove only this app
+            serve.delete(cfg.app_name)
+    finally:
+        if connected:
+            shutdown_ray()  # stops our own cluster; only disconnects from a shared one
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("adrel serve: stopped", flush=True)
+    return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse early (exit 2) when something already listens on host:port."""
+    from jobs.cli import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,622 @@
+"""The online scoring service: a Ray Serve deployment behind a FastAPI ingress.
+
+    POST /v1/score    {"task", "items": [{"query", "ad_title", "ad_description"?}]}
+                      -> {"task", "model_version", "scores"} (probabilities, in item order)
+    GET  /v1/tasks    tasks served, their model versions, batching settings and limits
+    GET  /v1/stats    this replica's batch sizes (how much dynamic batching gathers)
+    GET  /healthz     liveness
+    POST /v1/reload   load the model source again (e.g. a moved alias) and swap it in
+    GET  /docs, /openapi.json
+
+Concurrent requests are gathered by `@serve.batch` into one model call per task. A replica
+holds one `ModelSet` (a Scorer per task); a reload builds the new set beside it and swaps the
+reference, so requests already admitted finish on the models they started with.
+The replica runs merged ONNX graphs through serving.scorer only: no torch, no models/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from serving.config import BatchingConfig, LimitsConfig, ServeConfig
+
+logger = logging.getLogger("ray.serve")
+
+API_VERSION = "1"
+
+
+# ---- request and response bodies ----------------------------------------------------------
+
+
+class Item(BaseModel):
+    """One query–ad pair."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, description="The user's search query.")
+    ad_title: str = Field(min_length=1, description="The ad's title.")
+    ad_description: str | None = Field(None, description="The ad's description (optional).")
+
+
+class ScoreRequest(BaseModel):
+    """Pairs to score with one task's model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, description="Task name, one of GET /v1/tasks.")
+    items: list[Item] = Field(description="Pairs to score; scores come back in this order.")
+
+
+class ScoreResponse(BaseModel):
+    task: str
+    model_version: str = Field(description="Version of the model that scored every item.")
+    scores: list[float] = Field(description="Relevance probability per item, in item order.")
+
+
+class TaskInfo(BaseModel):
+    model_version: str
+    max_length: int
+
+
+class TasksResponse(BaseModel):
+    source: str
+    loaded_at: float = Field(description="Unix time the serving models were loaded.")
+    tasks: dict[str, TaskInfo]
+    batching: BatchingConfig
+    limits: LimitsConfig
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool
+    previous: dict[str, str]
+    model_versions: dict[str, str]
+
+
+class ErrorResponse(BaseModel):
+    detail: Any
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Unknown task."},
+    413: {"model": ErrorResponse, "description": "Too many items, text or body too long."},
+    415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
+    422: {"model": ErrorResponse, "description": "Malformed JSON or a missing/invalid field."},
+}
+
+
+class ServiceError(Exception):
+    """A request the service refuses, with its HTTP status and a message naming the problem."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ---- models and batching ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The Scorers a replica serves, loaded together from one source.
+
+    state: what the source pointed at just before loading (see `source_state`); the periodic
+    check reloads when it changes.
+    """
+
+    scorers: Mapping[str, Any]  # task -> serving.scorer.Scorer
+    source: str
+    loaded_at: float
+    state: dict[str, str] | None = None
+
+    def versions(self) -> dict[str, str]:
+        return {task: str(s.model_version) for task, s in self.scorers.items()}
+
+
+def source_state(cfg: ServeConfig) -> dict[str, str] | None:
+    """What the source points at now, without loading a model; None when it cannot move.
+
+    A directory: each task's model_version (a hash of its graph; a re-export changes it).
+    `models:/<name>@<alias>` or `/latest`: the version it resolves to. `models:/<prefix>@<alias>`
+    (one model per task): each task model's version at the alias. A fixed version or run: None.
+    """
+    versions, by_task = _source_versions(cfg)
+    if versions is None or not by_task or cfg.tasks is None:
+        return versions
+    return {t: v for t, v in versions.items() if t in cfg.tasks}
+
+
+def check_source(cfg: ServeConfig) -> None:
+    """Fail fast, before any replica starts, when the source holds nothing to serve."""
+    versions, by_task = _source_versions(cfg)
+    if versions is None:
+        return
+    if not versions:
+        raise ValueError(f"model {cfg.model!r}: no task model carries that alias")
+    missing = sorted(set(cfg.tasks or ()) - set(versions)) if by_task else []
+    if missing:
+        raise ValueError(
+            f"model {cfg.model!r} has no model for task(s) {missing}; it has {sorted(versions)}"
+        )
+
+
+def _source_versions(cfg: ServeConfig) -> tuple[dict[str, str] | None, bool]:
+    """(versions, keyed by task) of every model the source points at; (None, False): fixed."""
+    from pipeline import model_uri as mu
+
+    ref = mu.parse_model_uri(cfg.model)
+    if ref.kind == "local":
+        root = Path(ref.path)
+        if not root.is_dir():
+            raise ValueError(f"model {cfg.model!r}: no such directory")
+        if (root / "index.json").is_file():
+            dirs = {t: root / t for t in json.loads((root / "index.json").read_text())["tasks"]}
+        elif (root / "meta.json").is_file():
+            dirs = {json.loads((root / "meta.json").read_text())["task"]: root}
+        else:
+            return None, False  # e.g. a downloaded MLflow model folder: the Scorer finds it
+        return {
+            t: str(json.loads((d / "meta.json").read_text())["model_version"])
+            for t, d in dirs.items()
+        }, True
+    if ref.kind != "models" or not (ref.alias or ref.version == "latest"):
+        return None, False
+    if mu.registered_model_exists(ref.name, cfg.tracking_uri):
+        return {ref.name: str(mu.registered_version(ref, cfg.tracking_uri).version)}, False
+    if not ref.alias:
+        raise ValueError(f"model {cfg.model!r}: no registered model {ref.name!r}")
+    return mu.task_model_versions(ref.name, ref.alias, None, cfg.tracking_uri), True
+
+
+def load_models(cfg: ServeConfig) -> ModelSet:
+    """Load every task's Scorer from the configured source (directory or models:/ URI)."""
+    from serving.scorer import load_scorers
+
+    state = source_state(cfg)
+    scorers = load_scorers(
+        cfg.model,
+        tasks=cfg.tasks,
+        providers=cfg.providers,
+        intra_op_threads=cfg.intra_op_threads,
+        tracking_uri=cfg.tracking_uri,
+    )
+    if not scorers:
+        raise ValueError(f"the model source {cfg.model!r} holds no task models")
+    return ModelSet(dict(scorers), cfg.model, time.time(), state)
+
+
+class Chunk(NamedTuple):
+    """Part of one request (at most max_batch_size items) for one Scorer: a batch element."""
+
+    scorer: Any
+    queries: list[str]
+    titles: list[str]
+    descriptions: list[str | None] | None
+
+
+def chunk_items(chunks: Sequence[Chunk]) -> int:
+    """The batch size Serve counts: items, not requests."""
+    return sum(len(c.queries) for c in chunks)
+
+
+class BatchStats:
+    """How many items each model call held: shows whether dynamic batching gathers."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.requests = 0
+        self.items = 0
+        self.sizes: Counter[int] = Counter()
+
+    def record(self, requests: int, items: int) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.items += items
+        self.sizes[items] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "items": self.items,
+            "max_batch_items": max(self.sizes, default=0),
+            "mean_batch_items": self.items / self.batches if self.batches else 0.0,
+            "batch_items_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
+        }
+
+
+class ScoringService:
+    """Validates requests, batches them per task, scores, reloads. Knows nothing of HTTP."""
+
+    def __init__(self, cfg: ServeConfig, models: ModelSet | None = None):
+        self.cfg = cfg
+        self.models = models if models is not None else load_models(cfg)
+        self.stats = BatchStats()
+        self._reload_lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
+        b = cfg.batching
+        # Decorated per instance so that every batching setting comes from the config.
+        self._batched = serve.batch(
+            max_batch_size=b.max_batch_size,
+            batch_wait_timeout_s=b.batch_wait_s,
+            max_concurrent_batches=b.max_concurrent_batches,
+            batch_size_fn=chunk_items if b.max_batch_size > 1 else None,
+        )(self._score_batch)
+
+    async def score(self, req: ScoreRequest) -> dict[str, Any]:
+        scorer = self.models.scorers.get(req.task)  # pinned: a reload does not change it
+        if scorer is None:
+            known = sorted(self.models.scorers)
+            raise ServiceError(404, f"unknown task {req.task!r}; this service scores {known}")
+        self.check_limits(req)
+        if not req.items:
+            return {"task": req.task, "model_version": str(scorer.model_version), "scores": []}
+        parts = await asyncio.gather(*(self._batched(c) for c in self.chunks(scorer, req)))
+        for p in parts:
+            if isinstance(p, BaseException):
+                raise p
+        scores = np.concatenate(parts)  # (N,)
+        return {
+            "task": req.task,
+            "model_version": str(scorer.model_version),
+            "scores": scores.astype(np.float64).tolist(),
+        }
+
+    def check_limits(self, req: ScoreRequest) -> None:
+        lim = self.cfg.limits
+        if len(req.items) > lim.max_items:
+            raise ServiceError(
+                413, f"items: {len(req.items)} items, at most {lim.max_items} per request"
+            )
+        for i, item in enumerate(req.items):
+            for field in ("query", "ad_title", "ad_description"):
+                text = getattr(item, field)
+                if text is not None and len(text) > lim.max_text_chars:
+                    raise ServiceError(
+                        413,
+                        f"items[{i}].{field}: {len(text)} characters, at most {lim.max_text_chars}",
+                    )
+
+    def chunks(self, scorer: Any, req: ScoreRequest) -> list[Chunk]:
+        size = self.cfg.batching.max_batch_size
+        out = []
+        for start in range(0, len(req.items), size):
+            items = req.items[start : start + size]
+            descs = [it.ad_description for it in items]
+            out.append(
+                Chunk(
+                    scorer,
+                    [it.query for it in items],
+                    [it.ad_title for it in items],
+                    descs if any(d is not None for d in descs) else None,
+                )
+            )
+        return out
+
+    async def _score_batch(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:
+        """The `@serve.batch` body: one model call per Scorer, off the event loop."""
+        self.stats.record(len(chunks), chunk_items(chunks))
+        return await asyncio.to_thread(score_chunks, chunks)
+
+    def tasks(self) -> dict[str, Any]:
+        m = self.models
+        return {
+            "source": m.source,
+            "loaded_at": m.loaded_at,
+            "tasks": {
+                t: {"model_version": str(s.model_version), "max_length": int(s.max_length)}
+                for t, s in sorted(m.scorers.items())
+            },
+            "batching": self.cfg.batching.model_dump(),
+            "limits": self.cfg.limits.model_dump(),
+        }
+
+    async def reload(self, only_if_moved: bool = False) -> dict[str, Any]:
+        """Load the source again and swap the new models in; in-flight requests are unaffected.
+
+        With `only_if_moved`, first ask the source which versions it points at and do nothing
+        when they are the ones being served.
+        """
+        async with self._reload_lock:
+            old = self.models
+            if only_if_moved:
+                state = await asyncio.to_thread(source_state, self.cfg)
+                if state is None or state == old.state:
+                    versions = old.versions()
+                    return {"reloaded": False, "previous": versions, "model_versions": versions}
+            new = await asyncio.to_thread(load_models, self.cfg)
+            dropped = sorted(set(old.scorers) - set(new.scorers))
+            if dropped:  # e.g. an alias deleted by mistake: keep serving those tasks
+                raise ServiceError(
+                    409,
+                    f"reload refused: the source no longer has task(s) {dropped}; "
+                    f"still serving {old.versions()}",
+                )
+            self.models = new
+            logger.info("adrel serve: models %s -> %s", old.versions(), new.versions())
+            return {
+                "reloaded": True,
+                "previous": old.versions(),
+                "model_versions": new.versions(),
+            }
+
+    def start_watcher(self) -> None:
+        """Check the source every reload_interval_s (when set) from the running event loop."""
+        if self.cfg.reload_interval_s > 0 and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def stop_watcher(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reload_interval_s)
+            try:
+                await self.reload(only_if_moved=True)
+            except Exception as e:  # keep serving the current models; try again next time
+                logger.warning("adrel serve: periodic model check failed: %s", e)
+
+
+def score_chunks(chunks: Sequence[Chunk]) -> list[np.ndarray | Exception]:
+    """Score every chunk, one model call per Scorer; a failing Scorer fails only its chunks."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(chunks):
+        groups.setdefault(id(c.scorer), []).append(i)
+    out: list[np.ndarray | Exception] = [None] * len(chunks)  # type: ignore[list-item]
+    for idx in groups.values():
+        part = [chunks[i] for i in idx]
+        scorer = part[0].scorer
+        queries = [q for c in part for q in c.queries]
+        titles = [t for c in part for t in c.titles]
+        descs = None
+        if any(c.descriptions is not None for c in part):
+            descs = [d for c in part for d in (c.descriptions or [None] * len(c.queries))]
+        try:
+            scores = np.asarray(scorer.score(queries, titles, descs), dtype=np.float32)  # (n,)
+        except Exception as e:
+            logger.exception(
+                "adrel serve: scoring %d items for task %s failed", len(queries), scorer.task
+            )
+            for i in idx:
+                out[i] = RuntimeError(f"scoring failed for task {scorer.task!r}: {e}")
+            continue
+        bounds = np.cumsum([len(c.queries) for c in part])[:-1]
+        for i, s in zip(idx, np.split(scores, bounds)):
+            out[i] = s
+    return out
+
+
+# ---- HTTP ---------------------------------------------------------------------------------
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (checked before the body is validated)."""
+    ctype = request.headers.get("content-type", "")
+    mime = ctype.split(";", 1)[0].strip().lower()
+    if mime != "application/json" and not (
+        mime.startswith("application/") and mime.endswith("+json")
+    ):
+        raise HTTPException(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """("body", "items", 0, "ad_title") -> "items[0].ad_title"."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def describe_error(e: Mapping[str, Any]) -> dict[str, Any]:
+    """A validation error as {"field", "msg", "type"}, the field as a path into the body."""
+    if e.get("type") == "json_invalid":  # loc is ("body", character position)
+        pos = e.get("loc", (None, None))[-1]
+        reason = (e.get("ctx") or {}).get("error", "")
+        return {
+            "field": "body",
+            "msg": f"invalid JSON at character {pos}: {reason}",
+            "type": "json_invalid",
+        }
+    return {"field": field_path(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")}
+
+
+class BodySizeGuard:
+    """ASGI middleware: 413 naming the limit for a body larger than max_body_bytes.
+
+    A declared Content-Length is checked before anything is read; a body without one is
+    buffered up to the limit and then handed on (it never grows past the limit in memory).
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None:
+            size = int(length) if length.isdigit() else self.max_body_bytes + 1
+            if size > self.max_body_bytes:
+                await self._refuse(scope, receive, send, f"request body is {size} bytes")
+                return
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                await self._refuse(scope, receive, send, "request body is larger")
+                return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any, what: str) -> None:
+        detail = f"{what}; the limit is {self.max_body_bytes} bytes (limits.max_body_bytes)"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def build_api(service: ScoringService) -> FastAPI:
+    """The FastAPI app of one replica, bound to its ScoringService."""
+    api = FastAPI(
+        title="adrel scoring",
+        version=API_VERSION,
+        description="Query–ad relevance probabilities from merged per-task MTL-LoRA models.",
+    )
+
+    api.add_middleware(BodySizeGuard, max_body_bytes=service.cfg.limits.max_body_bytes)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [describe_error(e) for e in exc.errors()]
+        summary = "; ".join(f"{e['field']}: {e['msg']}" for e in errors[:5])
+        return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
+
+    @api.exception_handler(ServiceError)
+    async def _refused(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @api.exception_handler(Exception)
+    async def _failed(_: Request, exc: Exception) -> JSONResponse:
+        # Logged where it happened; the replica keeps serving.
+        return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
+
+    @api.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses=_ERRORS,
+        dependencies=[Depends(require_json)],
+        summary="Score query–ad pairs with one task's model",
+    )
+    async def score(body: ScoreRequest) -> dict[str, Any]:
+        return await service.score(body)
+
+    @api.get("/v1/tasks", response_model=TasksResponse, summary="Tasks and model versions")
+    async def tasks() -> dict[str, Any]:
+        return service.tasks()
+
+    @api.get("/v1/stats", summary="Batch sizes seen by this replica")
+    async def stats() -> dict[str, Any]:
+        return {"replica": _replica_id(), **service.stats.snapshot()}
+
+    @api.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "tasks": sorted(service.models.scorers)}
+
+    @api.post(
+        "/v1/reload",
+        response_model=ReloadResponse,
+        responses={
+            409: {"model": ErrorResponse, "description": "The new source lacks a served task."},
+            502: {"model": ErrorResponse, "description": "The source failed to load."},
+        },
+        summary="Load the model source again and swap the new models in",
+    )
+    async def reload() -> dict[str, Any]:
+        try:
+            return await service.reload()
+        except ServiceError:
+            raise
+        except Exception as e:
+            versions = service.models.versions()
+            raise ServiceError(
+                502, f"reload failed, still serving {versions}: {type(e).__name__}: {e}"
+            ) from e
+
+    return api
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica
+        return f"pid-{os.getpid()}"
+
+
+# ---- the Serve deployment -----------------------------------------------------------------
+
+
+@serve.deployment(name="scorer")
+@serve.ingress()
+class ScoringDeployment:
+    """One replica: the models of every task, a batcher and the HTTP routes."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        cfg = ServeConfig.model_validate(config)
+        if cfg.tracking_uri:  # models:/ downloads read the registry from the environment
+            os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+        models = await asyncio.to_thread(load_models, cfg)
+        self.service = ScoringService(cfg, models)
+        self.service.start_watcher()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.service)
+
+    async def check_health(self) -> None:
+        if not self.service.models.scorers:
+            raise RuntimeError("no models loaded")
+
+    def __del__(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.stop_watcher()
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    """The Serve application for `cfg`: replicas, concurrency and resources set from it."""
+    return ScoringDeployment.options(
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus_per_replica},
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+        logging_config={"enable_access_log": cfg.access_log},
+    ).bind(cfg.model_dump(mode="json"))
+
+
+def start(cfg: ServeConfig) -> str:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its base URL.
+
+    Needs a connected Ray (jobs.runtime.ensure_ray). Blocks until every replica is up.
+    """
+    check_source(cfg)
+    serve.start(
+        http_options={"host": cfg.host, "port": cfg.port},
+        logging_config={"enable_access_log": cfg.access_log},
+    )
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return f"http://{host}:{cfg.port}"

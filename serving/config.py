@@ -1,0 +1,188 @@
+"""Typed, validated configuration of the online scoring service, grouped by concern.
+
+`ServeConfig.build(**fields)` reports every bad field and value at once (ServeConfigError).
+Nothing here imports Ray, ONNX Runtime or the model code: the CLI validates before starting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from features.tasks import check_task_name
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+class ServeConfigError(ValueError):
+    """The service configuration is invalid; the message lists every bad field and value."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid serve configuration:\n  - " + "\n  - ".join(self.errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Section):
+    """Dynamic batching of concurrent requests into one model call per task (`@serve.batch`).
+
+    max_batch_size: most items scored in one model call; 1 turns batching off.
+    batch_wait_ms: how long a batch waits for more requests once its first one arrived
+        (every request pays up to this much extra latency when the service is idle).
+    max_concurrent_batches: batches a replica runs at once (1 on CPU: the model already
+        uses every intra-op thread; 2 can overlap tokenisation with compute on a GPU).
+    """
+
+    max_batch_size: int = Field(16, ge=1, le=4096)
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    max_concurrent_batches: int = Field(1, ge=1, le=64)
+
+    @property
+    def batch_wait_s(self) -> float:
+        return self.batch_wait_ms / 1000.0
+
+
+class LimitsConfig(_Section):
+    """Request limits: anything larger is refused with 413 before it reaches the model.
+
+    max_items: items per request. max_text_chars: characters per text field (the model
+    reads at most max_length tokens anyway; this bounds tokenisation work per item).
+    max_body_bytes: size of the request body (checked from Content-Length).
+    """
+
+    max_items: int = Field(256, ge=1, le=100_000)
+    max_text_chars: int = Field(4096, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024**3)
+
+
+class ServeConfig(_Section):
+    """What the service loads, where it listens and how it scales.
+
+    model: an export directory (with index.json, or one task's directory), or an MLflow URI
+        (`models:/adrel-<task>@<alias>`, `models:/adrel@champion` = every adrel-<task>).
+    tasks: serve only these tasks (default: every task the source holds).
+    tracking_uri: MLflow tracking URI for `models:/` sources (replicas do not inherit the
+        caller's environment, so it travels in the config).
+    host/port/allow_remote: where the HTTP proxy listens; a host other than a loopback address
+        must be allowed explicitly (the service has no authentication of its own).
+    replicas: model replicas (each holds every task's model). num_cpus_per_replica: Ray CPUs
+        reserved per replica. intra_op_threads: ONNX Runtime threads per replica (None: the
+        scorer's default). providers: "auto" (CUDA when usable, else CPU), "cpu" or "cuda".
+    max_ongoing_requests: requests one replica accepts at once; must allow a full batch to form
+        (>= max_batch_size * max_concurrent_batches); default twice that, so the next batch
+        gathers while the current one runs.
+    access_log: log every request (Serve's access log; off by default: it costs latency).
+    reload_interval_s: check the model source this often and swap in a new version when it
+        moved (0: only on POST /v1/reload). With several replicas, /v1/reload reloads the
+        replica that answers it; the periodic check brings every replica along.
+    """
+
+    model: str
+    tasks: list[str] | None = None
+    tracking_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    allow_remote: bool = False
+    app_name: str = Field("adrel", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    replicas: int = Field(1, ge=1, le=1024)
+    num_cpus_per_replica: float = Field(1.0, ge=0, le=1024)
+    intra_op_threads: int | None = Field(None, ge=1, le=1024)
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    max_ongoing_requests: int | None = Field(None, ge=1, le=100_000)
+    reload_interval_s: float = Field(0.0, ge=0, le=86_400)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, le=3600)
+    access_log: bool = False
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("give an export directory or a models:/ URI")
+        return v.strip()
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("list at least one task, or leave unset for every task")
+        for name in v:
+            check_task_name(name)
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate task names in {v}")
+        return list(v)
+
+    @field_validator("reload_interval_s")
+    @classmethod
+    def _check_interval(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError("use 0 (off) or at least 1 second")
+        return v
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> ServeConfig:
+        errors = []
+        if not self.allow_remote and not is_loopback(self.host):
+            errors.append(
+                f"host {self.host!r} is not a loopback address: the service has no "
+                "authentication, so serving beyond this machine needs allow_remote "
+                "(--allow-remote)"
+            )
+        need = self.batching.max_batch_size * self.batching.max_concurrent_batches
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < need:
+            errors.append(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                f"max_batch_size * max_concurrent_batches ({need}), or batches never fill"
+            )
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    @property
+    def ongoing_requests(self) -> int:
+        """max_ongoing_requests as set, else twice what one round of batches holds."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        need = self.batching.max_batch_size * self.batching.max_concurrent_batches
+        return max(2 * need, 8)
+
+    @classmethod
+    def build(cls, **fields) -> ServeConfig:
+        """Validate `fields` (nested sections as dicts), raising ServeConfigError with all errors."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as e:
+            raise ServeConfigError(format_errors(e)) from None
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback addresses and names (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    """One line per error: `field.path: message (got value)`."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        value = e.get("input")
+        shown = e["type"] != "missing" and not isinstance(value, dict) and loc != "<config>"
+        got = f" (got {value!r})" if shown else ""
+        out += [f"{loc}: {line}{got}" for line in msg.split("\n")]
+    return out

@@ -1,0 +1,99 @@
+"""The relbench benchmark's cpu protocol at toy size on the tiny encoder (real code path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data" / "relbench"
+
+pytestmark = pytest.mark.skipif(
+    not (DATA / "train").is_dir() or not (DATA / "dev").is_dir(),
+    reason=f"relbench data not found at {DATA} (it lives beside the repository, never in it)",
+)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("relbench_bench", ROOT / "benchmarks/relbench.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cpu_protocol_at_toy_size(tiny_encoder_dir, tmp_path, mlflow_uri, capsys):
+    bench = _bench()
+    out = tmp_path / "relbench.json"
+    argv = ["--protocol", "cpu", "--encoder", str(tiny_encoder_dir), "--data", str(DATA)]
+    argv += ["--tasks", "rte", "mrpc", "--variants", "mtl_lora", "lora_task_prefix"]
+    argv += ["--seeds", "2", "--max-rows", "24", "--n-boot", "20", "--onboard-task", "rte"]
+    argv += ["--out", str(out), "--workdir", str(tmp_path), "--threads", "1", "--quiet"]
+    full = bench.main(argv)
+
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["macro_roc_auc"]) == {"mtl_lora", "lora_task_prefix"}
+    saved = json.loads(out.read_text())
+    assert saved["summary"].keys() == full["summary"].keys()
+    for res in full["results"].values():
+        assert [s["seed"] for s in res["per_seed"]] == [0, 1]
+        for s in res["per_seed"]:
+            assert set(s["per_task"]) == {"rte", "mrpc"}
+            assert len(s["probs"]) == sum(m["rows"] for m in s["per_task"].values()) == 48
+            for m in s["per_task"].values():
+                assert 0 <= m["roc_auc"] <= 1 and 0 <= m["pr_auc"] <= 1
+            assert s["steps"] == 2  # 48 train rows, batch 32, one epoch
+    summary = full["summary"]
+    assert summary["mtl_lora"]["trainable_params"] > summary["lora_task_prefix"]["trainable_params"]
+    # Intervals: macro CI for every run, paired delta vs MTL-LoRA for the others.
+    lo, hi = summary["mtl_lora"]["macro_roc_auc_ci"]
+    assert lo <= hi
+    assert summary["mtl_lora"]["delta_roc_auc_ci"] is None
+    assert len(summary["lora_task_prefix"]["delta_roc_auc_ci"]) == 2
+    # Onboarding: rte held out, then added; the other task's outputs unchanged.
+    ob = full["onboarding"]
+    assert ob["task"] == "rte" and ob["initial_tasks"] == ["mrpc"]
+    assert ob["onboard"]["old_tasks_identical"] is True
+    assert ob["onboard"]["trainable_params"] > 0 and not math.isnan(ob["onboard"]["roc_auc"])
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("adrel-relbench")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == last["mlflow_run_id"]]
+    assert len(children) == 4  # 2 runs × 2 seeds
+    parent = client.get_run(last["mlflow_run_id"])
+    assert math.isclose(
+        parent.data.metrics["mtl_lora.macro_roc_auc"], summary["mtl_lora"]["macro_roc_auc"]
+    )
+    arts = {a.path for a in client.list_artifacts(last["mlflow_run_id"])}
+    assert {"relbench.json", "relbench.md"} <= arts
+
+
+def test_resume_keeps_finished_runs(tiny_encoder_dir, tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "r.json"
+    base = ["--encoder", str(tiny_encoder_dir), "--data", str(DATA), "--tasks", "rte", "mrpc"]
+    base += ["--max-rows", "16", "--n-boot", "10", "--no-onboard", "--no-mlflow", "--quiet"]
+    base += ["--out", str(out), "--threads", "1", "--seeds", "1"]
+    first = bench.main([*base, "--variants", "heads_only"])
+    again = bench.main([*base, "--variants", "heads_only", "lora", "--resume"])
+    assert capsys.readouterr().out.count("resuming: 1 run(s) kept") == 1
+    assert again["results"]["heads_only"]["per_seed"] == first["results"]["heads_only"]["per_seed"]
+    assert len(again["results"]["lora"]["per_seed"]) == 1
+    # Heads only trains two heads of hidden 32 (+ bias): nothing in the encoder.
+    assert first["summary"]["heads_only"]["trainable_params"] == 2 * 33

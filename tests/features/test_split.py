@@ -1,0 +1,56 @@
+"""Deterministic split by query hash: stable, proportional, no query in two splits."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from features.split import check_fractions, split_dir, split_of
+from tests.features.crafted import good_rows, write
+
+
+def test_split_of_is_stable_and_case_insensitive():
+    assert split_of("Red Running Shoes") == split_of("  red   running shoes ")
+    assert [split_of(f"query {i}") for i in range(50)] == [
+        split_of(f"query {i}") for i in range(50)
+    ]
+    assert split_of("anything", (1.0, 0.0, 0.0)) == "train"
+    assert split_of("anything", (0.0, 0.0, 1.0)) == "test"
+
+
+def test_split_fractions_are_respected():
+    names = [split_of(f"q-{i}", (0.7, 0.2, 0.1)) for i in range(6000)]
+    share = {s: names.count(s) / len(names) for s in ("train", "dev", "test")}
+    assert abs(share["train"] - 0.7) < 0.03 and abs(share["dev"] - 0.2) < 0.03
+    assert abs(share["test"] - 0.1) < 0.03
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.5), (0.8, 0.3, 0.1), (-0.1, 0.6, 0.5), ("a", 1, 0)])
+def test_bad_fractions_are_refused(bad):
+    with pytest.raises(ValueError, match="fractions"):
+        check_fractions(bad)
+
+
+def test_split_dir_keeps_each_query_in_one_split(tmp_path):
+    src = tmp_path / "in"
+    rows = good_rows(300, "q")
+    rows["query"] = [f"query {i % 60}" if i % 2 else f"QUERY {i % 60}" for i in range(300)]
+    write(src / "task=a/p0.parquet", rows)
+    write(src / "task=b/p0.parquet", good_rows(40, "z"))
+    counts = split_dir(src, tmp_path / "out", (0.6, 0.2, 0.2))
+    assert sum(n for per_task in counts.values() for n in per_task.values()) == 340
+    seen: dict[str, str] = {}
+    for split in ("train", "dev", "test"):
+        for f in (tmp_path / "out" / split).rglob("*.parquet"):
+            table = pq.read_table(f, partitioning=None)
+            assert table.column_names == list(rows)  # source columns and types kept
+            for q in table.column("query").to_pylist():
+                key = q.lower()
+                assert seen.setdefault(key, split) == split, f"{q!r} in two splits"
+    assert len({s for s in seen.values()}) == 3
+
+
+def test_split_dir_refuses_invalid_task_dirs(tmp_path):
+    write(tmp_path / "in/task=../x/p.parquet", good_rows(2))
+    with pytest.raises(ValueError, match="task"):
+        split_dir(tmp_path / "in", tmp_path / "out")

@@ -1,0 +1,93 @@
+"""`adrel data validate|synth|split`: outputs, the per-task table and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+
+from jobs.cli import main
+from tests.features.crafted import good_rows, write
+
+
+def test_synth_then_validate_then_split(tmp_path, capsys):
+    data = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(data), "--rows-per-task", "80", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "exact_match" in out and "positives" in out and "disagree" in out
+    assert main(["data", "validate", "--input", str(data), "--out", str(tmp_path / "v")]) == 0
+    out = capsys.readouterr().out
+    assert "TOTAL" in out and "ok: 0 of 320 rows quarantined" in out
+    assert json.loads((tmp_path / "v/report.json").read_text())["rows_clean"] == 320
+    assert main(["data", "split", "--input", str(tmp_path / "v/clean"), "--out", str(tmp_path / "s"),
+                 "--fractions", "0.5", "0.25", "0.25"]) == 0  # fmt: skip
+    counts = json.loads(capsys.readouterr().out)
+    assert sum(sum(t.values()) for t in counts.values()) == 320
+    assert (tmp_path / "s/train/task=shopping").is_dir()
+
+
+def test_validate_exits_2_over_threshold_and_still_writes(tmp_path, capsys):
+    rows = good_rows(20)
+    rows["query"][0] = "   "
+    write(tmp_path / "in/task=shop/p.parquet", rows)
+    code = main(
+        ["data", "validate", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    )
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "refused: 1 of 20 rows quarantined (5.00%, max 1.00%)" in captured.err
+    assert "empty_query=1" in captured.out  # the table is printed before the verdict
+    assert pq.read_table(tmp_path / "out/quarantine").column("reason").to_pylist() == [
+        "empty_query"
+    ]
+    assert pq.read_metadata(next((tmp_path / "out/clean/task=shop").iterdir())).num_rows == 19
+    code = main(["data", "validate", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out2"),
+                 "--max-bad-fraction", "0.1"])  # fmt: skip
+    assert code == 0
+
+
+def test_validate_options_and_user_errors(tmp_path, capsys):
+    rows = good_rows(4)
+    del rows["label"]
+    rows["ad_title"][1] = "x" * 50
+    write(tmp_path / "in/task=shop/p.parquet", rows)
+    args = ["data", "validate", "--input", str(tmp_path / "in"), "--no-label", "--max-text-chars", "40",
+            "--max-bad-fraction", "0.5"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    assert "text_too_long=1" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2  # not empty, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "o2"), "--tasks", "../x"]) == 2
+    assert "invalid task name" in capsys.readouterr().err
+    assert (
+        main(["data", "validate", "--input", str(tmp_path / "none"), "--out", str(tmp_path / "o3")])
+        == 2
+    )
+    assert "no data directory" in capsys.readouterr().err
+
+
+def test_synth_inventory_without_labels(tmp_path, capsys):
+    code = main(["data", "synth", "--out", str(tmp_path / "inv"), "--rows-per-task", "10", "--seed", "1",
+                 "--tasks", "shopping", "brand_protect", "--no-label"])  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "inv").iterdir()) == [
+        "task=brand_protect",
+        "task=shopping",
+    ]
+    table = pq.read_table(tmp_path / "inv/task=shopping", partitioning=None)
+    assert "label" not in table.column_names
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(tmp_path / "x"),
+                "--rows-per-task",
+                "5",
+                "--tasks",
+                "nope",
+            ]
+        )
+        == 2
+    )

@@ -1,0 +1,88 @@
+"""`adrel export`, `adrel promote`, `adrel models` end to end (in-process CLI, real MLflow/ORT)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pipeline.export as export_mod
+from jobs.cli import main
+from tests.pipeline.test_export import TASKS, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_encoder_dir, tmp_path_factory):
+    return make_checkpoint(tiny_encoder_dir, tmp_path_factory.mktemp("cli") / "ckpt")
+
+
+def test_export_subset_from_a_directory(ckpt, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", "--model", str(ckpt), "--out", str(out), "--tasks", "a,c"]) == 0
+    assert json.loads((out / "index.json").read_text())["tasks"] == ["a", "c"]
+    stdout = capsys.readouterr().out
+    assert "exported 2 task(s)" in stdout and "pass" in stdout
+
+
+def test_broken_merge_exits_non_zero_and_publishes_nothing(ckpt, tmp_path, capsys, monkeypatch):
+    def forgetful_merge(model, task):  # drops task b's ΔW in one layer
+        from tests.pipeline.test_export import _drop_one_layer
+
+        return _drop_one_layer(model, task)
+
+    monkeypatch.setattr(export_mod, "_merge", forgetful_merge)
+    out = tmp_path / "export"
+    rc = main(["export", "--model", str(ckpt), "--out", str(out), "--tasks", "b"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "parity gate failed for task 'b'" in err and "batch=" in err and "seq=" in err
+    assert "nothing was published" in err
+    assert not out.exists()
+
+
+def test_user_errors(ckpt, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["export", "--model", str(ckpt), "--out", out, "--quantize", "int8"]) == 2
+    assert "--validation" in capsys.readouterr().err
+    assert main(["export", "--model", str(ckpt), "--out", out, "--tasks", "a,zzz"]) == 2
+    assert "unknown task(s) ['zzz']" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "nope"), "--out", out]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["export", "--model", "models:/x/abc", "--out", out]) == 2
+    assert "not a number" in capsys.readouterr().err
+
+
+def test_register_promote_and_list(ckpt, tmp_path, capsys, mlflow_uri, monkeypatch):
+    monkeypatch.setenv("ADREL_MODEL_CACHE", str(tmp_path / "cache"))
+    from pipeline.registry import register_checkpoint
+
+    register_checkpoint(ckpt)  # adrel-mtl v1: export straight from the registry
+    out = tmp_path / "export"
+    rc = main(
+        ["export", "--model", "models:/adrel-mtl@challenger", "--out", str(out), "--register"]
+    )
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    for t in TASKS:
+        assert f"registered adrel-{t} version 1 (alias challenger)" in stdout
+    meta = json.loads((out / "a" / "meta.json").read_text())
+    assert meta["source_registered_model"] == "adrel-mtl"
+    assert meta["source_registered_version"] == "1" and meta["source_run_id"]
+
+    rc = main(["promote", "--task", "a", "--version", "1", "--reason", "first", "--actor", "ci"])
+    assert rc == 0
+    assert "adrel-a: champion (none) -> 1 by ci" in capsys.readouterr().out
+    assert main(["promote", "--task", "a", "--version", "5"]) == 2
+    assert "no version '5'" in capsys.readouterr().err
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "adrel-a  [task]  challenger=v1, champion=v1" in listing
+    assert "adrel-mtl  [mtl]  challenger=v1" in listing
+    assert main(["models", "--json"]) == 0
+    names = [m["name"] for m in json.loads(capsys.readouterr().out)]
+    assert names == ["adrel-a", "adrel-b", "adrel-c", "adrel-mtl"]
+
+    from serving.scorer import load_scorers
+
+    assert sorted(load_scorers("models:/adrel@champion")) == ["a"]

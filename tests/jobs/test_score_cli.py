@@ -1,0 +1,176 @@
+"""`adrel score`: the command, its exit codes, registry URIs, and a SIGKILL midway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from tests.pipeline.test_batch_score import (
+    TASKS,
+    make_tiny_export,
+    read_quarantine,
+    read_scored,
+    staging_dirs,
+    synth_inventory,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, tiny_encoder_dir):
+    return make_tiny_export(tmp_path_factory.getbasetemp(), tiny_encoder_dir)
+
+
+def score(*args: str) -> int:
+    return main(["score", "--progress-every", "0", *map(str, args)])
+
+
+def test_cli_scores_refuses_a_rerun_and_overwrites(export_dir, tmp_path, ray_local, capsys):
+    inv = synth_inventory(tmp_path / "inv", 30)
+    out = tmp_path / "scores"
+    base = ("--model", export_dir, "--input", inv, "--output", out, "--batch-size", "16")
+    assert score(*base) == 0
+    text = capsys.readouterr().out
+    assert "scored 60/60 rows (100%)" in text
+    for task in TASKS:
+        assert any(line.startswith(task) and " ok " in line for line in text.splitlines())
+    assert "rows/s" in text and f"output: {out.resolve()}" in text
+    assert read_scored(out, "exact_match").num_rows == 30
+
+    assert score(*base) == 2
+    assert "exists" in capsys.readouterr().err
+    assert score(*base, "--overwrite", "--actors", "2") == 0
+    assert sum(read_scored(out, t).num_rows for t in TASKS) == 60
+
+
+def test_cli_task_without_model_is_a_user_error(export_dir, tmp_path, ray_local, capsys):
+    from features.synth import generate
+
+    inv = synth_inventory(tmp_path / "inv", 10, tasks=("exact_match",))
+    generate(inv, 10, 2, tasks=["brand_protect"], with_labels=False)
+    out = tmp_path / "scores"
+    assert score("--model", export_dir, "--input", inv, "--output", out) == 2
+    err = capsys.readouterr().err
+    assert "brand_protect" in err and "no model" in err
+    assert not out.exists() and not staging_dirs(out)
+
+
+def _register(export_dir: Path, uri: str, alias: str = "champion") -> None:
+    """Each task folder as a registered task model `adrel-<task>` carrying `alias`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow.set_experiment("score-cli-test")
+    with mlflow.start_run() as run:
+        for task in TASKS:
+            mlflow.log_artifacts(str(export_dir / task), artifact_path=f"export/{task}")
+    for task in TASKS:
+        name = f"adrel-{task}"
+        client.create_registered_model(name, tags={"adrel.kind": "task", "adrel.task": task})
+        mv = client.create_model_version(
+            name, f"{run.info.artifact_uri}/export/{task}", run_id=run.info.run_id
+        )
+        client.set_registered_model_alias(name, alias, mv.version)
+
+
+def test_cli_scores_with_registry_aliases(
+    export_dir, tmp_path, ray_local, mlflow_uri, monkeypatch, capsys
+):
+    monkeypatch.setenv("ADREL_MODEL_CACHE", str(tmp_path / "model-cache"))
+    monkeypatch.chdir(tmp_path)  # the run's local artifact store lands under tmp
+    _register(export_dir, mlflow_uri)
+    inv = synth_inventory(tmp_path / "inv", 20)
+    out = tmp_path / "all"
+    assert score("--model", "models:/adrel@champion", "--input", inv, "--output", out) == 0
+    for task in TASKS:
+        got = read_scored(out, task)
+        assert set(got.column("model_name").to_pylist()) == {f"adrel-{task}"}
+        assert set(got.column("model_version").to_pylist()) == {"1"}
+    one = tmp_path / "one"
+    args = ("--model", "models:/adrel-exact_match@champion", "--input", inv, "--output", one)
+    assert score(*args) == 2  # broad_match rows have no model under that URI
+    assert "broad_match" in capsys.readouterr().err
+    assert score(*args, "--tasks", "exact_match") == 0
+    assert read_scored(one, "exact_match").num_rows == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# A run killed midway
+
+
+def _session_members(sid: int) -> list[int]:
+    """Pids of live (non-zombie) processes in session `sid` (Ray's processes stay in it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        state, session = fields[0], int(fields[3])
+        if session == sid and state != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_sigkill_midway_leaves_no_visible_output_and_rerun_completes(
+    export_dir, tmp_path, ray_local, capsys
+):
+    inv = synth_inventory(tmp_path / "inv", 1500)
+    out = tmp_path / "scores"
+    args = ["--model", export_dir, "--input", inv, "--output", out, "--block-rows", "8"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "jobs", "score", "--num-cpus", "2", *map(str, args)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own session: Ray's processes join it, killpg reaches all
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(d.glob("task=*/*.parquet") for d in staging_dirs(out)):
+                break  # scored files are staged: the run is midway
+            if proc.poll() is not None:
+                pytest.fail(f"adrel score ended before it was killed: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.02)
+        else:
+            pytest.fail("adrel score staged nothing within 300 s")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        for _ in range(100):  # killed processes take a moment to be reaped
+            left = _session_members(proc.pid)
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left, f"processes of the killed run still alive: {left}"
+    finally:
+        for pid in _session_members(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.stderr.close()
+
+    assert not out.exists(), "a killed run must not publish anything"
+    (stage,) = staging_dirs(out)
+    assert stage.name.startswith(".")  # hidden from listings and from data readers
+
+    assert score(*args) == 0  # the re-run completes and removes the dead run's staging
+    assert "removed the staging directory of a killed run" in capsys.readouterr().out
+    assert not staging_dirs(out)
+    for task in TASKS:
+        assert read_scored(out, task).num_rows == 1500
+    assert not read_quarantine(out)

