@@ -54,7 +54,9 @@ class PeftClassifier(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(T))
 
     def forward(self, input_ids, attention_mask, task_ids, token_type_ids=None):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        h = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )
         pooled = pool(h.last_hidden_state, attention_mask, "mean")
         return (pooled * self.head_weight[task_ids]).sum(-1) + self.head_bias[task_ids]
 
@@ -88,7 +90,9 @@ def make_step(model):
 
 def ours(variant: str):
     cfg = AdapterConfig(variant=variant, r=8, n_up=3, num_tasks=T)
-    model = build_model(DEFAULT_ENCODER, cfg, TaskRegistry([f"t{i}" for i in range(T)]), head_dropout=0.0)
+    model = build_model(
+        DEFAULT_ENCODER, cfg, TaskRegistry([f"t{i}" for i in range(T)]), head_dropout=0.0
+    )
     return model.train()
 
 

@@ -293,7 +293,15 @@ def main() -> None:
     lengths = length_stats(export, inv, tasks[0])
     print(f"inventory {inv}: token lengths ({tasks[0]}) {lengths}", flush=True)
 
-    ensure_ray(num_cpus=args.threads)
+    for attempt in range(3):  # a busy shared machine sometimes misses Ray's start-up deadline
+        try:
+            ensure_ray(num_cpus=args.threads)
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            shutdown_ray()
+            print("local Ray did not start in time; retrying", flush=True)
     runs: list[dict] = []
     eff, scale, speed = [], [], []
     try:

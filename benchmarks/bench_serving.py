@@ -163,9 +163,11 @@ def batch_of(tok_dir: Path, rows, b: int, s: int) -> dict[str, np.ndarray]:
     tok = PairTokenizer(tok_dir, max_length=s, pad_to_max=True)
     long = rows[rows["ad_description"].fillna("").str.len() > 200]
     pick = (long if len(long) >= b else rows).iloc[:b]
-    return tok.encode(pick["query"].tolist(), pick["ad_title"].tolist(), [
-        (d or "") + " " + t for d, t in zip(pick["ad_description"], pick["ad_title"])
-    ])  # fmt: skip
+    desc = [
+        (d if isinstance(d, str) else "") + " " + t
+        for d, t in zip(pick["ad_description"], pick["ad_title"])
+    ]
+    return tok.encode(pick["query"].tolist(), pick["ad_title"].tolist(), desc)
 
 
 def side_by_side(fns: dict, runs: int, warmup: int) -> dict[str, float]:

@@ -113,7 +113,7 @@ def build_export(out: Path) -> Path:
     from models.checkpoint import build_model, save_checkpoint
     from models.config import AdapterConfig
     from models.encoder import DEFAULT_ENCODER, resolve_encoder
-    from pipeline.export import export_model
+    from pipeline.export import export_checkpoint
 
     torch.manual_seed(0)
     tasks = TaskRegistry(["search", "shopping"])
@@ -122,8 +122,7 @@ def build_export(out: Path) -> Path:
         for p in model.trainable_state().values():
             p.add_(torch.randn_like(p) * 0.02)
     ckpt = save_checkpoint(model, out / "ckpt", max_length=64)
-    export_model(ckpt, out / "export")
-    return out / "export"
+    return export_checkpoint(ckpt, out / "export").out_dir
 
 
 def free_port() -> int:
@@ -187,6 +186,14 @@ def summarize(latencies: list[float], wall: float, errors: int = 0) -> dict[str,
     }
 
 
+def get_json(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    out = json.loads(conn.getresponse().read())
+    conn.close()
+    return out
+
+
 def bare_scorer(model: str, task: str, items: list[dict], n: int, threads: int | None) -> dict:
     """The Scorer alone, one item per call, in this process: the floor under the service."""
     from serving.scorer import load_scorers
@@ -212,7 +219,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=20.0, help="seconds per phase at most")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all phases")
     ap.add_argument("--batch-size", type=int, default=16, help="max batch size when batched")
-    ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="batch wait when batched")
+    ap.add_argument("--batch-wait-ms", type=float, default=0.0, help="batch wait (batched app)")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (replica)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = ap.parse_args()
@@ -246,17 +253,17 @@ def main() -> None:
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
     }
     apps = {
-        "batched": {"max_batch_size": args.batch_size, "batch_wait_ms": args.batch_wait_ms},
+        "batched": {
+            "max_batch_size": args.batch_size,
+            "batch_wait_ms": args.batch_wait_ms,
+        },
         "unbatched": {"max_batch_size": 1, "batch_wait_ms": 0.0},
     }
     for name, batching in apps.items():
         cfg = ServeConfig.build(**common, app_name=name, batching=batching)
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/batched/v1/tasks")
-    info = json.loads(conn.getresponse().read())
-    conn.close()
+    info = get_json(port, "/batched/v1/tasks")
     task = args.task or sorted(info["tasks"])[0]
     items = make_items(512)
     bodies = [json.dumps({"task": task, "items": [it]}).encode() for it in items]
@@ -267,13 +274,25 @@ def main() -> None:
     phases = [(name, c) for c in (1, 16) for name in apps]
     runs: dict[tuple[str, int], list[dict]] = {p: [] for p in phases}
     bare_runs = []
+    c16_batches = c16_items = 0
     for r in range(args.rounds):
         for name, c in phases:
+            before = get_json(port, f"/{name}/v1/stats")
             res = closed_loop(port, f"/{name}/v1/score", bodies, c, args.requests, args.time_limit)
+            after = get_json(port, f"/{name}/v1/stats")
+            res["mean_batch"] = (after["items"] - before["items"]) / max(
+                1, after["batches"] - before["batches"]
+            )
+            if (name, c) == ("batched", 16):
+                c16_batches += after["batches"] - before["batches"]
+                c16_items += after["items"] - before["items"]
             runs[(name, c)].append(res)
             print(
                 f"round {r} {name:9s} c={c:2d}: n={res['n']} p50={res['p50_ms']:.2f} ms "
-                f"p99={res['p99_ms']:.2f} ms rps={res['rps']:.1f} errors={res['errors']}",
+                f"p99={res['p99_ms']:.2f} ms rps={res['rps']:.1f} "
+                f"mean batch={res['mean_batch']:.2f} errors={res['errors']} | replica (recent "
+                f"window): handler p50={after['handler_ms_p50']:.2f} ms, model call p50="
+                f"{after['model_call_ms_p50']:.2f} ms",
                 flush=True,
             )
         bare = bare_scorer(model, task, items, args.requests, args.threads)
@@ -282,10 +301,7 @@ def main() -> None:
             f"round {r} bare scorer     : p50={bare['p50_ms']:.2f} ms p99={bare['p99_ms']:.2f} ms"
         )
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/batched/v1/stats")
-    stats = json.loads(conn.getresponse().read())
-    conn.close()
+    stats = get_json(port, "/batched/v1/stats")
     serve.shutdown()
 
     def med(name: str, c: int, key: str) -> float:
@@ -305,7 +321,7 @@ def main() -> None:
         "batching_gain": round(med("batched", 16, "rps") / med("unbatched", 16, "rps"), 2),
         "bare_scorer_p50_ms": round(bare_p50, 2),
         "overhead_ms_c1": round(med("batched", 1, "p50_ms") - bare_p50, 2),
-        "mean_batch_items": round(stats["mean_batch_items"], 2),
+        "mean_batch_items_c16": round(c16_items / max(1, c16_batches), 2),
         "max_batch_items": stats["max_batch_items"],
         "errors": sum(x["errors"] for rs in runs.values() for x in rs),
         "requests_per_phase": args.requests,

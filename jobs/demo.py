@@ -25,7 +25,9 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--workdir", default="adrel-work", help="where data, runs, MLflow and outputs go")
+    p.add_argument(
+        "--workdir", default="adrel-work", help="where data, runs, MLflow and outputs go"
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="demo: MiniLM-L6 (a few minutes); tiny: a tiny random encoder (CI-sized)")  # fmt: skip
     p.add_argument("--rows-per-task", type=int, default=None,
@@ -70,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if rows < 40:
         raise UserError(f"--rows-per-task must be >= 40, got {rows}")
     roots = make_data(workdir, rows, inv_rows)
-    previous = sorted((workdir / "retrain").glob("demo-*")) if (workdir / "retrain").is_dir() else []
+    previous = (
+        sorted((workdir / "retrain").glob("demo-*")) if (workdir / "retrain").is_dir() else []
+    )
     n = len(previous) + 1
     overrides = [
         f"workdir={workdir}",

@@ -50,7 +50,14 @@ def register(subparsers) -> None:
         "(repeatable; default: both derived slices)",
     )
     p.add_argument("--min-slice-size", type=int, default=50, help="smaller slices get no metrics")
-    p.add_argument("--gates", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--gates",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="gate settings (listed below); repeatable",
+    )
     p.add_argument(
         "--threshold",
         action="append",

@@ -1,7 +1,8 @@
 """`adrel export`: merged per-task ONNX models, parity-gated, optionally int8 and registered.
 
     adrel export --model URI --out DIR [--tasks a,b] [--quantize int8]
-                 [--validation DIR] [--max-auc-drop 0.005] [--register] [--prefix adrel]
+                 [--validation DIR] [--max-auc-drop 0.005] [--int8-recipe NAME]
+                 [--register] [--prefix adrel]
 
 --model: a checkpoint directory, runs:/<id>/<path>, models:/<name>/<version>,
 models:/<name>/latest or models:/<name>@<alias> (tracking URI: --tracking-uri, else
@@ -39,6 +40,11 @@ def register(subparsers) -> None:
         help="largest validation ROC-AUC loss int8 may have (default 0.005)",
     )
     p.add_argument("--validation", help="labelled rows, ROOT/task=<name>/*.parquet (for int8)")
+    p.add_argument(
+        "--int8-recipe",
+        default="per_channel_matmul",
+        help="int8 quantization recipe (pipeline.export.INT8_RECIPES; default per_channel_matmul)",
+    )
     p.add_argument("--register", action="store_true", help="register each task in MLflow")
     p.add_argument("--prefix", default="adrel", help="registered-model name prefix")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: env, else workdir)")
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             max_auc_drop=args.max_auc_drop,
             validation=args.validation,
+            int8_recipe=args.int8_recipe,
             source=str(args.model),
         )
         resolved = resolve_model(args.model, tracking_uri=turi)
@@ -89,9 +96,14 @@ def run(args: argparse.Namespace) -> int:
     if args.register:
         from pipeline.registry import register_export
 
-        versions = register_export(
-            result.out_dir, prefix=args.prefix, tracking_uri=turi, source_run_id=resolved.run_id
-        )
+        try:
+            versions = register_export(
+                result.out_dir, prefix=args.prefix, tracking_uri=turi, source_run_id=resolved.run_id
+            )
+        except Exception as e:  # the export stands; only the registry step failed
+            raise UserError(
+                f"exported to {result.out_dir}, but registering in MLflow ({turi}) failed: {e}", 1
+            ) from e
         for task, rv in versions.items():
             print(f"registered {rv.name} version {rv.version} (alias challenger) for task {task}")
     return 0

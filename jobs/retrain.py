@@ -50,7 +50,9 @@ def retrain(config, overrides=(), run_name=None, address=None, num_cpus=None, lo
     except LockBusy as e:
         raise UserError(str(e), exit_code=EXIT_LOCKED) from None
     except StageFailed as e:
-        raise UserError(f"{e}\nre-run with the same --run-name to resume", exit_code=EXIT_FAILED) from None
+        raise UserError(
+            f"{e}\nre-run with the same --run-name to resume", exit_code=EXIT_FAILED
+        ) from None
     finally:
         if started:
             shutdown_ray()

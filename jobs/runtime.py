@@ -42,14 +42,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
     runtime_env = {"env_vars": _worker_env()}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            log_to_driver=True,
-            **kwargs,
-        )
+        return True
+    # A local head node on a loaded machine can miss Ray's fixed 30 s registration window;
+    # starting again usually succeeds, so try a few times before giving up.
+    for attempt in range(1, 4):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                **kwargs,
+            )
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 3:
+                raise
+            ray.shutdown()
     return True
 
 

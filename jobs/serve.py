@@ -48,7 +48,11 @@ def register(subparsers) -> None:
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
     p.add_argument("--max-batch-size", type=int, default=16, help="items per model call; 1: off")
     p.add_argument(
-        "--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill (default 2)"
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="wait for more requests before a model call (default 0: requests that arrive "
+        "while the model is busy are batched anyway)",
     )
     p.add_argument("--max-concurrent-batches", type=int, default=1, help="batches run at once")
     p.add_argument(
@@ -123,13 +127,16 @@ def run(args: argparse.Namespace) -> int:
         check_port_free(cfg.host, cfg.port)
 
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
     connected = False
     try:
         try:
             connected = ensure_ray(address=address, num_cpus=args.num_cpus)
         except Exception as e:  # e.g. a raylet that did not come up
             raise UserError(f"Ray did not start: {e}", exit_code=1) from None
+        for s in signals:  # ray.init installs its own SIGTERM handler (it aborts): ours again
+            signal.signal(s, lambda *_: stop.set())
         from ray import serve
 
         try:
@@ -138,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"the service failed to start: {e}", exit_code=1) from None
         tasks = ", ".join(cfg.tasks) if cfg.tasks else "every task of the source"
         print(f"adrel serve: {tasks} from {cfg.model} at {url} (docs: {url}/docs)", flush=True)
+        if cfg.replicas > 1 and not cfg.reload_interval_s:
+            print(
+                "adrel serve: note: POST /v1/reload reloads the one replica that answers it; "
+                "use --reload-interval so that every replica follows a moved alias",
+                flush=True,
+            )
         while not stop.wait(0.5):
             pass
         print("adrel serve: shutting down (in-flight requests finish first)", flush=True)

@@ -139,7 +139,7 @@ class TaskModel:
     version: str
 
 
-def _model_label(model: str, scorer) -> tuple[str, str]:
+def _model_label(scorer: Scorer) -> tuple[str, str]:
     """(model_name, model_version): the registered name and version for a registry model,
     else the export directory and the export's model hash."""
     name = scorer.meta.get("registered_name")
@@ -170,7 +170,7 @@ def resolve_models(
     out = {}
     for task in tasks:
         s = scorers[task]
-        name, version = _model_label(str(model), s)
+        name, version = _model_label(s)
         out[task] = TaskModel(task, str(s.task_dir.resolve()), name, version)
     return out
 
@@ -404,7 +404,13 @@ def clean_stale_staging(out: Path, log: Log | None = None) -> list[Path]:
             info = json.loads((d / OWNER_FILE).read_text())
             stale = not _owner_alive(info)
         except (OSError, ValueError):
-            stale = time.time() - d.stat().st_mtime > STALE_UNOWNED_S
+            # No owner: a result swapped out by a run killed before deleting it (it has a
+            # summary), or a staging directory abandoned right after creation.
+            try:
+                old = time.time() - d.stat().st_mtime > STALE_UNOWNED_S
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            stale = old or (d / SUMMARY_FILE).is_file()
         if stale:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
@@ -457,18 +463,22 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Make `staging` the output in one rename; with overwrite, swap out the old result."""
-    (staging / OWNER_FILE).unlink(missing_ok=True)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputExists(f"output {out} was written by another run meanwhile; not replaced")
         if not _exchange(staging, out):
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+            # No atomic exchange here: two renames (readers may find no OUTPUT in between).
+            old = out.parent / f"{_staging_prefix(out)}old-{uuid.uuid4().hex[:12]}"
             os.rename(out, old)
             os.rename(staging, out)
             staging = old
         shutil.rmtree(staging)  # now the previous result
-        return
-    os.rename(staging, out)  # replaces an empty directory; fails on a non-empty one
+    else:
+        try:
+            os.rename(staging, out)  # replaces an empty directory, never a non-empty one
+        except OSError as e:
+            raise OutputExists(f"output {out} appeared meanwhile; not replaced ({e})") from None
+    (out / OWNER_FILE).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -456,6 +456,8 @@ def _measure(rows, scores, predictors, tasks, thresholds, cfg: EvalConfig) -> di
             thr, source = thresholds[m][task]
             entry[m] = point_metrics(y, p, g, grades, thr, mcfg)
             entry[m]["threshold_source"] = source
+        if BASELINE in predictors and BASELINE not in models:
+            entry[BASELINE] = None  # the champion has no model for this task
         boot = bootstrap(y, models, g, mcfg) if mcfg.n_boot > 0 else None
         for m in models:
             for metric in BOOTSTRAP_METRICS:
@@ -481,24 +483,28 @@ def _measure(rows, scores, predictors, tasks, thresholds, cfg: EvalConfig) -> di
         verdicts[task] = verdict
         per_task[task] = entry
     macro = {
-        m: macro_average({t: e[m] for t, e in per_task.items() if m in e}, MACRO_KEYS)
+        m: macro_average({t: e[m] for t, e in per_task.items() if e.get(m)}, MACRO_KEYS)
         for m in predictors
     }
     compared = [t for t, e in per_task.items() if e["delta"] is not None]
     if compared:
+        # Over the tasks both models have, so "champion → challenger" compares like with like.
+        both = {
+            m: macro_average({t: per_task[t][m] for t in compared}, DELTA_METRICS)
+            for m in (MODEL, BASELINE)
+        }
         macro["delta"] = {}
         for metric in DELTA_METRICS:
             ds = [per_task[t]["delta"][metric]["delta"] for t in compared]
             ds = [d for d in ds if math.isfinite(d)]
-            lo, hi = (
-                macro_delta(delta_samples[metric], mcfg.ci)
-                if delta_samples[metric]
-                else (math.nan, math.nan)
-            )
+            samples = delta_samples[metric]
+            lo, hi = macro_delta(samples, mcfg.ci) if samples else (math.nan, math.nan)
             macro["delta"][metric] = {
                 "delta": float(np.mean(ds)) if ds else math.nan,
                 "ci": [lo, hi],
                 "tasks": len(ds),
+                "model": both[MODEL][metric],
+                "baseline": both[BASELINE][metric],
             }
     return {
         "tasks": per_task,

@@ -26,7 +26,12 @@ class RunLock:
         self.held = False
 
     def _info(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "owner": self.owner}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "owner": self.owner,
+        }
 
     def holder(self) -> dict | None:
         try:

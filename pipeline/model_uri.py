@@ -157,7 +157,7 @@ def resolve_model(
     try:
         local = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=artifact_uri, dst_path=str(out), tracking_uri=turi
+                artifact_uri=artifact_uri, dst_path=str(out), tracking_uri=turi, registry_uri=turi
             )
         )
     except MlflowException as e:
@@ -190,7 +190,8 @@ def _cache_dir(tracking_uri: str | None, name: str, version: str) -> Path:
 
 def _publish_cache(tmp: Path, local: Path, cached: Path) -> Path:
     """Move a finished download into the cache (first writer wins) and return its folder."""
-    rel = local.resolve().relative_to(tmp.resolve())
+    final = cached / local.resolve().relative_to(tmp.resolve())
+    (tmp / _COMPLETE).write_text(str(final))  # written before the rename: a visible cache is whole
     try:
         tmp.rename(cached)
     except OSError:  # another process cached it first: use theirs, drop ours
@@ -200,8 +201,6 @@ def _publish_cache(tmp: Path, local: Path, cached: Path) -> Path:
                 f"model cache {cached} is incomplete; delete it and retry"
             ) from None
         return Path((cached / _COMPLETE).read_text().strip())
-    final = cached / rel
-    (cached / _COMPLETE).write_text(str(final))
     return final
 
 

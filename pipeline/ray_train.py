@@ -200,7 +200,14 @@ def run_training(
 ) -> TrainResult:
     """Ingest, train on Ray Train, return the result (needs a running Ray: jobs start it)."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from models.encoder import tokenizer_dir
@@ -254,6 +261,8 @@ def run_training(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # Ray Train's own INFO lines repeat every report's metrics; ours say what matters.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train_ds, "dev": dev_ds},
         # Each worker trains on its shard of train and evaluates its slice of the whole dev.

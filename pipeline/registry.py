@@ -106,22 +106,6 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@contextlib.contextmanager
-def _fluent(tracking_uri: str | None):
-    """Point MLflow's fluent API (needed by log_model) at this store for the block only."""
-    import mlflow
-
-    prev_t, prev_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    uri = _tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield uri
-    finally:
-        mlflow.set_tracking_uri(prev_t)
-        mlflow.set_registry_uri(prev_r)
-
-
 def _artifact_location(tracking_uri: str) -> str | None:
     """Beside the sqlite file for a local store (never the current directory), else the server's."""
     if tracking_uri.startswith("sqlite:///"):
@@ -156,31 +140,37 @@ def _ensure_registered_model(client, name: str, tags: dict[str, str]) -> None:
 
 
 def _log_pyfunc(
+    client,
     payload: Path,
     kind: str,
     name: str,
     run_id: str,
-    tracking_uri: str,
+    artifact_path: str,
     signature,
     input_example,
     requirements: list[str],
 ) -> RegisteredVersion:
-    """Log `payload` as a pyfunc model in `run_id` and register it as a new version of `name`."""
-    import mlflow
+    """Save `payload` as a pyfunc model, log it under the run, register a new version of `name`.
 
-    with _fluent(tracking_uri), mlflow.start_run(run_id=run_id), _quiet_mlflow():
-        info = mlflow.pyfunc.log_model(
-            name=kind if kind != "task" else f"task-{name}",
+    Explicit client calls only (no fluent API): MLflow's set_tracking_uri/set_registry_uri
+    are process-global and leak into the environment of everything that runs after.
+    """
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory(prefix="adrel-pyfunc-") as tmp, _quiet_mlflow():
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(
+            path=str(local),
             python_model=str(PYFUNC_CODE),
             artifacts={"model": str(payload)},
-            model_config={"kind": kind, "providers": "cpu"},
+            model_config={"kind": kind, "providers": "auto"},
             signature=signature,
             input_example=input_example,
             pip_requirements=requirements,
-            registered_model_name=name,
         )
-    version = str(info.registered_model_version)
-    return RegisteredVersion(name, version, run_id)
+        client.log_artifacts(run_id, str(local), artifact_path)
+    mv = client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id)
+    return RegisteredVersion(name, str(mv.version), run_id)
 
 
 @contextlib.contextmanager
@@ -259,10 +249,10 @@ def register_checkpoint(
         exp = _experiment(client, f"{prefix}-registry", uri)
         run_id = client.create_run(exp, run_name=f"register-{name}").info.run_id
     _ensure_registered_model(client, name, {KIND_TAG: "mtl"})
+    first_task = sorted(cfg["tasks"], key=cfg["tasks"].get)[0]
     rv = _log_pyfunc(
-        ckpt, "checkpoint", name, run_id, uri, _signature(True),
-        _input_example(cfg["tasks"] and sorted(cfg["tasks"], key=cfg["tasks"].get)[0]),
-        MTL_REQUIREMENTS,
+        client, ckpt, "checkpoint", name, run_id, f"registry/{name}",
+        _signature(True), _input_example(first_task), MTL_REQUIREMENTS,
     )  # fmt: skip
     vtags = {
         "adrel.tasks": ",".join(sorted(cfg["tasks"], key=cfg["tasks"].get)),
@@ -312,8 +302,9 @@ def register_export(
             name = task_model_name(task, prefix)
             _ensure_registered_model(client, name, {KIND_TAG: "task", TASK_TAG: task})
             rv = _log_pyfunc(
-                d, "task", name, run_id, uri, _signature(False), _input_example(), TASK_REQUIREMENTS
-            )
+                client, d, "task", name, run_id, f"registry/{name}",
+                _signature(False), _input_example(), TASK_REQUIREMENTS,
+            )  # fmt: skip
             for k, v in _export_tags(meta, parity, source_run_id).items():
                 client.set_model_version_tag(name, rv.version, k, v)
             _log_export_metrics(client, run_id, task, meta, parity)
@@ -495,16 +486,17 @@ def list_models(prefix: str = DEFAULT_PREFIX, tracking_uri: str | None = None) -
     out = []
     for rm in client.search_registered_models(f"name LIKE '{check_prefix(prefix)}-%'"):
         versions = client.search_model_versions(f"name = '{rm.name}'")
+        aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
         out.append(
             {
                 "name": rm.name,
                 "kind": rm.tags.get(KIND_TAG, ""),
                 "task": rm.tags.get(TASK_TAG, ""),
-                "aliases": dict(rm.aliases or {}),
+                "aliases": aliases,
                 "versions": [
                     {
                         "version": str(v.version),
-                        "aliases": list(v.aliases or []),
+                        "aliases": sorted(a for a, n in aliases.items() if n == str(v.version)),
                         "run_id": v.run_id,
                         "created": time.strftime(
                             "%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000)

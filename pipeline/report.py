@@ -289,9 +289,8 @@ def _delta_table(metrics: dict) -> str:
     if md:
         verdict = _tag("fail" if metrics["gate_failed"] else "pass")
         cells = [f"<td class='l'>macro average</td><td>{verdict}</td>"]
-        for key, _, higher in DELTA_COLUMNS:
-            a = metrics["macro"].get(BASELINE, {}).get(key)
-            b = metrics["macro"].get(MODEL, {}).get(key)
+        for key, _, higher in DELTA_COLUMNS:  # means over the tasks both models have
+            a, b = md[key].get("baseline"), md[key].get("model")
             cells.append(_delta_cell(md[key], higher, f"{_num(a, 4)} → {_num(b, 4)}"))
         body.append("<tr class='macro'>" + "".join(cells) + "</tr>")
     return f"<table class='t'>{head}{''.join(body)}</table>"
@@ -306,8 +305,8 @@ def _delta_cell(d: dict, higher_is_better: bool, top: str = "") -> str:
     lo, hi = (d.get("ci") or [None, None])[:2]
     good = v > 0 if higher_is_better else v < 0
     cls = "" if abs(v) < 5e-5 else ("good" if good else "bad")  # ±0.0000 is no change
-    if lo is not None and hi is not None and (lo > 0 or hi < 0):
-        cls += " sig"
+    if lo is not None and hi is not None and (lo > 5e-5 or hi < -5e-5):
+        cls += " sig"  # the CI excludes 0 (beyond the 4 decimals shown)
     ci = (
         f" <span class='ci'>[{_num(lo, 4, True)}, {_num(hi, 4, True)}]</span>"
         if lo is not None

@@ -55,7 +55,9 @@ def default_run_name() -> str:
 class Retrain:
     """One retrain run. `run()` needs Ray running (the job starts or joins it)."""
 
-    def __init__(self, cfg: RetrainConfig, run_name: str | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self, cfg: RetrainConfig, run_name: str | None = None, log: Callable[[str], None] = print
+    ):
         self.cfg = cfg
         self.run_name = run_name or cfg.run_name or default_run_name()
         self.workdir = Path(cfg.workdir).resolve()
@@ -84,7 +86,9 @@ class Retrain:
             try:
                 ingest = self._stage("ingest", self._ingest, self._window_hash())
                 train = self._stage("train", lambda: self._train(ingest), hash_value(ingest))
-                ev = self._stage("evaluate", lambda: self._evaluate(ingest, train), hash_value(train))
+                ev = self._stage(
+                    "evaluate", lambda: self._evaluate(ingest, train), hash_value(train)
+                )
                 exp = self._stage("export", lambda: self._export(ingest, train), hash_value(train))
                 reg = self._stage("register", lambda: self._register(train, exp), hash_value(exp))
                 prom = self._stage("promote", lambda: self._promote(ev, reg), hash_value([ev, reg]))
@@ -95,7 +99,9 @@ class Retrain:
             decisions = prom["decisions"]
             code = EXIT_OK if all(d["promoted"] for d in decisions.values()) else EXIT_HELD
             summary = self._summary(ingest, train, ev, reg, decisions)
-            self.state.set("finished", {"exit_code": code, "summary": summary, "decisions": decisions})
+            self.state.set(
+                "finished", {"exit_code": code, "summary": summary, "decisions": decisions}
+            )
             self._client().log_text(self.parent_id, summary, "summary.txt")
             self._end_parent("FINISHED")
             self.log(summary)
@@ -118,7 +124,9 @@ class Retrain:
         client = self._client()
         client.set_tag(self.parent_id, f"adrel.stage.{name}", "done")
         client.log_metric(self.parent_id, f"stage_seconds/{name}", out["seconds"])
-        client.log_text(self.parent_id, json.dumps(out, indent=2, default=str), f"stages/{name}.json")
+        client.log_text(
+            self.parent_id, json.dumps(out, indent=2, default=str), f"stages/{name}.json"
+        )
         return out
 
     def _outputs(self) -> dict:
@@ -139,13 +147,19 @@ class Retrain:
 
             name = self.cfg.registry.experiment
             exp = client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp else client.create_experiment(
-                name, artifact_location=artifact_location(self.tracking_uri, self.workdir)
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else client.create_experiment(
+                    name, artifact_location=artifact_location(self.tracking_uri, self.workdir)
+                )
             )
             run = client.create_run(exp_id, run_name=self.run_name, tags={"adrel.job": "retrain",
                                                                          "adrel.prefix": self.prefix})  # fmt: skip
             pid = run.info.run_id
-            client.log_text(pid, json.dumps(self.cfg.model_dump(mode="json"), indent=2), "retrain_config.json")
+            client.log_text(
+                pid, json.dumps(self.cfg.model_dump(mode="json"), indent=2), "retrain_config.json"
+            )
             self.state.set("parent_run_id", pid)
         else:
             client.update_run(pid, status="RUNNING")
@@ -162,7 +176,10 @@ class Retrain:
 
     def _window_hash(self) -> str:
         d = self.cfg.data
-        return hash_value({s: hash_path(getattr(d, f"{s}_root")) for s in SPLITS} | {"v": d.validation, "t": d.tasks})
+        return hash_value(
+            {s: hash_path(getattr(d, f"{s}_root")) for s in SPLITS}
+            | {"v": d.validation, "t": d.tasks}
+        )
 
     def _ingest(self) -> dict:
         from features.validate import ThresholdExceeded, ValidationConfig, validate_dir
@@ -189,7 +206,9 @@ class Retrain:
     def _train(self, ingest: dict) -> dict:
         from pipeline.ray_train import run_training
 
-        tcfg = self.cfg.train_config(f"{self.run_name}-train", ingest["train"]["clean"], ingest["dev"]["clean"])
+        tcfg = self.cfg.train_config(
+            f"{self.run_name}-train", ingest["train"]["clean"], ingest["dev"]["clean"]
+        )
         res = run_training(tcfg, config_text=json.dumps(tcfg.to_dict(), indent=2), config_name="train.json",
                            log=self.log)  # fmt: skip
         self._nest(res.mlflow_run_id)
@@ -200,7 +219,11 @@ class Retrain:
             "steps": res.step,
             "best_step": res.best_step,
             "dev_macro_auc": res.best_macro_auc,
-            "dev_auc": {k.removeprefix("best/auc/"): v for k, v in res.metrics.items() if k.startswith("best/auc/")},
+            "dev_auc": {
+                k.removeprefix("best/auc/"): v
+                for k, v in res.metrics.items()
+                if k.startswith("best/auc/")
+            },
         }
 
     def _champion_uri(self) -> str | None:
@@ -221,11 +244,13 @@ class Retrain:
 
     def _evaluate(self, ingest: dict, train: dict) -> dict:
         from pipeline.evaluate import EvalConfig, evaluate
+        from pipeline.metrics import MetricConfig
 
         baseline = self._champion_uri()
         ev = self.cfg.evaluation
         cfg = EvalConfig(
             gates=ev.gate_config(),
+            metrics=MetricConfig(n_boot=ev.n_boot),
             slice_columns=ev.slice_columns,
             min_slice_size=ev.min_slice_size,
             threshold_data=ingest["dev"]["clean"],
@@ -264,7 +289,8 @@ class Retrain:
         res = export_checkpoint(train["checkpoint"], out, cfg)
         self.log(res.summary())
         parity = {
-            t: max(v["max_abs_diff"] for v in te.parity["variants"].values()) for t, te in res.tasks.items()
+            t: max(v["max_abs_diff"] for v in te.parity["variants"].values())
+            for t, te in res.tasks.items()
         }
         return {"dir": str(out), "tasks": list(res.tasks), "parity_max_abs_diff": parity}
 
@@ -306,7 +332,11 @@ class Retrain:
         for task, version in sorted(reg["task_versions"].items()):
             v = ev["verdicts"].get(task, {"passed": False, "reasons": ["not evaluated"]})
             if v["passed"] and self.cfg.registry.promote:
-                why = "first model: absolute bars passed" if ev["baseline"] is None else "gates passed vs champion"
+                why = (
+                    "first model: absolute bars passed"
+                    if ev["baseline"] is None
+                    else "gates passed vs champion"
+                )
                 promote(task, version, reason=f"retrain {self.run_name}: {why}", actor=f"adrel retrain {self.run_name}",
                         prefix=self.prefix, tracking_uri=self.tracking_uri)  # fmt: skip
                 decisions[task] = {"version": version, "promoted": True, "why": why}
@@ -318,7 +348,9 @@ class Retrain:
                     actor=f"adrel retrain {self.run_name}", prefix=self.prefix, tracking_uri=self.tracking_uri)  # fmt: skip
         client = self._client()
         for task, d in decisions.items():
-            client.set_tag(self.parent_id, f"adrel.decision.{task}", "promoted" if d["promoted"] else "held")
+            client.set_tag(
+                self.parent_id, f"adrel.decision.{task}", "promoted" if d["promoted"] else "held"
+            )
         return {"decisions": decisions}
 
     def _score(self) -> dict:

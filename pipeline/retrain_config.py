@@ -46,7 +46,9 @@ class WindowSection(_Section):
         try:
             ValidationConfig(**v)
         except TypeError:
-            raise ValueError(f"unknown validation setting(s); known: {sorted(ValidationConfig.__dataclass_fields__)}") from None
+            raise ValueError(
+                f"unknown validation setting(s); known: {sorted(ValidationConfig.__dataclass_fields__)}"
+            ) from None
         except ConfigError as e:
             raise ValueError("; ".join(e.errors)) from None
         return v
@@ -58,6 +60,7 @@ class EvaluationSection(_Section):
     gates: dict[str, Any] = Field(default_factory=dict)
     slice_columns: list[str] = Field(default_factory=lambda: ["query_length", "has_description"])
     min_slice_size: int = Field(50, ge=1)
+    n_boot: int = Field(300, ge=0)  # bootstrap resamples over queries for CIs and deltas
 
     @field_validator("gates")
     @classmethod
@@ -67,7 +70,9 @@ class EvaluationSection(_Section):
         try:
             GateConfig(**v)
         except TypeError:
-            raise ValueError(f"unknown gate(s); known: {sorted(GateConfig.__dataclass_fields__)}") from None
+            raise ValueError(
+                f"unknown gate(s); known: {sorted(GateConfig.__dataclass_fields__)}"
+            ) from None
         except ValueError as e:
             raise ValueError(str(e)) from None
         return v
@@ -132,7 +137,9 @@ class RetrainConfig(_Section):
     @classmethod
     def _check_run_name(cls, v):
         if v is not None and not RUN_NAME_RE.match(v):
-            raise ValueError("use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit")
+            raise ValueError(
+                "use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
         return v
 
     @field_validator("train")
@@ -142,7 +149,9 @@ class RetrainConfig(_Section):
         # together with the other sections' errors.
         forbidden = sorted({"workdir", "run_name", "data"} & set(v))
         if forbidden:
-            raise ValueError(f"{forbidden} are set by the retrain job (use the top-level data/workdir)")
+            raise ValueError(
+                f"{forbidden} are set by the retrain job (use the top-level data/workdir)"
+            )
         d = {**v, "data": {"train_root": "train", "dev_root": "dev"}}
         try:
             TrainConfig.model_validate(d)
@@ -169,7 +178,9 @@ class RetrainConfig(_Section):
         try:
             return TrainConfig.model_validate(d)
         except ValidationError as e:
-            raise ValueError("\n".join("train." + line for line in format_validation_error(e))) from None
+            raise ValueError(
+                "\n".join("train." + line for line in format_validation_error(e))
+            ) from None
 
     def lock_path(self) -> Path:
         if self.lock.path:

@@ -36,7 +36,9 @@ class StageLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.state: dict = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        self.state: dict = (
+            json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        )
 
     def done(self, stage: str, inputs_hash: str | None = None) -> bool:
         rec = self.state["stages"].get(stage)
@@ -46,7 +48,11 @@ class StageLog:
         return self.state["stages"][stage]["outputs"]
 
     def record(self, stage: str, outputs: dict, inputs_hash: str | None = None) -> None:
-        self.state["stages"][stage] = {"inputs": inputs_hash, "outputs": outputs, "finished": time.time()}
+        self.state["stages"][stage] = {
+            "inputs": inputs_hash,
+            "outputs": outputs,
+            "finished": time.time(),
+        }
         self._write()
 
     def set(self, key: str, value) -> None:
@@ -56,7 +62,9 @@ class StageLog:
     def get(self, key: str, default=None):
         return self.state.get(key, default)
 
-    def run(self, stage: str, fn: Callable[[], dict], inputs_hash: str | None = None) -> tuple[dict, bool]:
+    def run(
+        self, stage: str, fn: Callable[[], dict], inputs_hash: str | None = None
+    ) -> tuple[dict, bool]:
         """Run `fn` unless the stage is already done with the same inputs; returns (outputs, ran)."""
         if self.done(stage, inputs_hash):
             return self.outputs(stage), False

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +84,7 @@ class TasksResponse(BaseModel):
 
 
 class ReloadResponse(BaseModel):
+    replica: str = Field(description="The replica that reloaded (each replica reloads itself).")
     reloaded: bool
     previous: dict[str, str]
     model_versions: dict[str, str]
@@ -211,25 +212,38 @@ class Chunk(NamedTuple):
     descriptions: list[str | None] | None
 
 
+@dataclass(eq=False)
+class Waiting:
+    """A chunk handed to the batcher, waiting for a model call to take it."""
+
+    chunk: Chunk
+    result: asyncio.Future
+    taken: bool = False
+
+
 def chunk_items(chunks: Sequence[Chunk]) -> int:
     """The batch size Serve counts: items, not requests."""
     return sum(len(c.queries) for c in chunks)
 
 
 class BatchStats:
-    """How many items each model call held: shows whether dynamic batching gathers."""
+    """How many items each model call held (does dynamic batching gather?) and where a
+    request's time goes inside the replica (model call vs the whole handler)."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = 2048) -> None:
         self.batches = 0
         self.requests = 0
         self.items = 0
         self.sizes: Counter[int] = Counter()
+        self.model_ms: deque[float] = deque(maxlen=window)
+        self.handler_ms: deque[float] = deque(maxlen=window)
 
-    def record(self, requests: int, items: int) -> None:
+    def record(self, requests: int, items: int, model_ms: float) -> None:
         self.batches += 1
         self.requests += requests
         self.items += items
         self.sizes[items] += 1
+        self.model_ms.append(model_ms)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -239,7 +253,13 @@ class BatchStats:
             "max_batch_items": max(self.sizes, default=0),
             "mean_batch_items": self.items / self.batches if self.batches else 0.0,
             "batch_items_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
+            "model_call_ms_p50": _median(self.model_ms),
+            "handler_ms_p50": _median(self.handler_ms),
         }
+
+
+def _median(xs: deque[float]) -> float | None:
+    return float(np.median(xs)) if xs else None
 
 
 class ScoringService:
@@ -252,15 +272,21 @@ class ScoringService:
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         b = cfg.batching
-        # Decorated per instance so that every batching setting comes from the config.
+        self._waiting: deque[Waiting] = deque()
+        self._model_slots = asyncio.Semaphore(b.max_concurrent_batches)
+        # Decorated per instance so that every batching setting comes from the config. Serve
+        # hands over every batch it forms (one per admitted request at most); the model slots
+        # above bound the model calls, and batches waiting for one are merged (_score_batch).
+        logging.getLogger("ray.serve").addFilter(_no_batch_limit_warning)
         self._batched = serve.batch(
             max_batch_size=b.max_batch_size,
             batch_wait_timeout_s=b.batch_wait_s,
-            max_concurrent_batches=b.max_concurrent_batches,
+            max_concurrent_batches=cfg.ongoing_requests,
             batch_size_fn=chunk_items if b.max_batch_size > 1 else None,
         )(self._score_batch)
 
     async def score(self, req: ScoreRequest) -> dict[str, Any]:
+        t0 = time.perf_counter()
         scorer = self.models.scorers.get(req.task)  # pinned: a reload does not change it
         if scorer is None:
             known = sorted(self.models.scorers)
@@ -273,6 +299,7 @@ class ScoringService:
             if isinstance(p, BaseException):
                 raise p
         scores = np.concatenate(parts)  # (N,)
+        self.stats.handler_ms.append((time.perf_counter() - t0) * 1e3)
         return {
             "task": req.task,
             "model_version": str(scorer.model_version),
@@ -311,9 +338,46 @@ class ScoringService:
         return out
 
     async def _score_batch(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:
-        """The `@serve.batch` body: one model call per Scorer, off the event loop."""
-        self.stats.record(len(chunks), chunk_items(chunks))
-        return await asyncio.to_thread(score_chunks, chunks)
+        """The `@serve.batch` body: score a batch, merged with every batch waiting beside it.
+
+        Serve closes a batch as soon as its wait is over and queues it while the model is
+        busy, so under load a train of small batches would form. Here batches wait for a
+        model slot together, and whoever gets the slot takes every waiting chunk, oldest
+        first, up to max_batch_size items: an idle replica scores at once, a busy one runs
+        full model calls. The model calls run off the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        mine = [Waiting(c, loop.create_future()) for c in chunks]
+        self._waiting.extend(mine)
+        while not all(w.taken for w in mine):
+            async with self._model_slots:
+                call = self._take(self.cfg.batching.max_batch_size)
+                if call:
+                    await self._run(call)
+        return [await w.result for w in mine]
+
+    def _take(self, max_items: int) -> list[Waiting]:
+        """The oldest waiting chunks, at most max_items items (at least one chunk)."""
+        out: list[Waiting] = []
+        n = 0
+        while self._waiting and (not out or n + len(self._waiting[0].chunk.queries) <= max_items):
+            w = self._waiting.popleft()
+            w.taken = True
+            n += len(w.chunk.queries)
+            out.append(w)
+        return out
+
+    async def _run(self, call: list[Waiting]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(score_chunks, [w.chunk for w in call])
+        except Exception as e:  # score_chunks reports per chunk; this is the thread failing
+            results = [e] * len(call)
+        dt_ms = (time.perf_counter() - t0) * 1e3
+        self.stats.record(len(call), chunk_items([w.chunk for w in call]), dt_ms)
+        for w, r in zip(call, results):
+            if not w.result.done():
+                w.result.set_result(r)
 
     def tasks(self) -> dict[str, Any]:
         m = self.models
@@ -374,6 +438,13 @@ class ScoringService:
                 await self.reload(only_if_moved=True)
             except Exception as e:  # keep serving the current models; try again next time
                 logger.warning("adrel serve: periodic model check failed: %s", e)
+
+
+def _no_batch_limit_warning(record: logging.LogRecord) -> bool:
+    """Drop Serve's hint that max_batch_size * max_concurrent_batches exceeds
+    max_ongoing_requests: Serve's batch concurrency is deliberately open here (the model slots
+    bound it), and max_ongoing_requests >= max_batch_size * slots is checked in ServeConfig."""
+    return "max_concurrent_batches` (" not in record.getMessage()
 
 
 def score_chunks(chunks: Sequence[Chunk]) -> list[np.ndarray | Exception]:
@@ -548,7 +619,7 @@ def build_api(service: ScoringService) -> FastAPI:
     )
     async def reload() -> dict[str, Any]:
         try:
-            return await service.reload()
+            return {"replica": _replica_id(), **(await service.reload())}
         except ServiceError:
             raise
         except Exception as e:

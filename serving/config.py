@@ -32,14 +32,16 @@ class BatchingConfig(_Section):
     """Dynamic batching of concurrent requests into one model call per task (`@serve.batch`).
 
     max_batch_size: most items scored in one model call; 1 turns batching off.
-    batch_wait_ms: how long a batch waits for more requests once its first one arrived
-        (every request pays up to this much extra latency when the service is idle).
+    batch_wait_ms: how long a batch waits for more requests once its first one arrived. Every
+        request pays it when the replica is idle; while the model is busy, requests gather
+        anyway (batches waiting for the model are merged into the next call), so the default
+        is 0: score at once when idle, in full batches when busy.
     max_concurrent_batches: batches a replica runs at once (1 on CPU: the model already
         uses every intra-op thread; 2 can overlap tokenisation with compute on a GPU).
     """
 
     max_batch_size: int = Field(16, ge=1, le=4096)
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000)
     max_concurrent_batches: int = Field(1, ge=1, le=64)
 
     @property

@@ -14,7 +14,9 @@ def tok(minilm_dir):
 
 
 def test_pair_layout_and_dynamic_padding(tok):
-    b = tok.encode(["red shoes", "a much longer query about waterproof hiking boots"], ["Nike", "Boots"])
+    b = tok.encode(
+        ["red shoes", "a much longer query about waterproof hiking boots"], ["Nike", "Boots"]
+    )
     ids, mask, types = b["input_ids"], b["attention_mask"], b["token_type_ids"]
     assert ids.dtype == np.int64 and ids.shape == mask.shape == types.shape
     assert ids.shape[1] == mask[1].sum()  # padded to the longest row only

@@ -76,16 +76,10 @@ def crafted(tmp_path_factory):
     return root, expected, report
 
 
-def test_every_reason_is_crafted():
-    from tests.features.crafted import reason_files as _  # noqa: F401
-
-    crafted_reasons = {
-        "null_query", "empty_query", "null_ad_title", "empty_ad_title", "label_not_binary",
-        "null_label", "text_too_long", "bad_weight", "task_mismatch", "unknown_task",
-        "invalid_utf8", "schema_mismatch", "missing_column", "invalid_task_name",
-        "unreadable_file",
-    }  # fmt: skip
-    assert crafted_reasons == set(REASONS)
+def test_every_reason_is_crafted(crafted):
+    _, expected, report = crafted
+    assert set(expected) == set(REASONS)
+    assert report.rows_in == report.rows_clean + report.rows_quarantined
 
 
 @pytest.mark.parametrize("reason", REASONS)

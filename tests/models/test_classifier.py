@@ -55,13 +55,20 @@ def test_tasks_differ_once_adapters_are_non_zero(tiny_encoder_dir):
 
 
 def test_zero_B_model_equals_frozen_encoder(tiny_encoder_dir):
-    model = build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=2), TaskRegistry(["a", "b"]), head_dropout=0.0)
+    model = build_model(
+        str(tiny_encoder_dir),
+        AdapterConfig(num_tasks=2),
+        TaskRegistry(["a", "b"]),
+        head_dropout=0.0,
+    )
     plain = load_encoder(str(tiny_encoder_dir)).eval()
     model.eval()
     ids, mask, types = token_batch()
     with torch.no_grad():
         model.router.task_ids = torch.tensor([0, 1, 0, 1])
-        adapted = model.encoder(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        adapted = model.encoder(
+            input_ids=ids, attention_mask=mask, token_type_ids=types
+        ).last_hidden_state
         model.router.task_ids = None
         ref = plain(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     assert torch.equal(adapted, ref)
@@ -69,7 +76,11 @@ def test_zero_B_model_equals_frozen_encoder(tiny_encoder_dir):
 
 def test_unknown_target_lists_what_exists(tiny_encoder_dir):
     with pytest.raises(ConfigError) as e:
-        build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=1, targets=["q_proj"]), TaskRegistry(["a"]))
+        build_model(
+            str(tiny_encoder_dir),
+            AdapterConfig(num_tasks=1, targets=["q_proj"]),
+            TaskRegistry(["a"]),
+        )
     assert "q_proj" in str(e.value) and "attention.self.query" in str(e.value)
 
 
@@ -85,9 +96,13 @@ def test_bad_task_ids_and_task_count(tiny_encoder_dir):
     with pytest.raises(ValueError, match="task id 3 at position 1"):
         model(ids, mask, torch.tensor([0, 3]), types)
     with pytest.raises(ConfigError, match="num_tasks=2 but the task registry has 3"):
-        build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=2), TaskRegistry(["a", "b", "c"]))
+        build_model(
+            str(tiny_encoder_dir), AdapterConfig(num_tasks=2), TaskRegistry(["a", "b", "c"])
+        )
 
 
 def test_pooling_is_validated(tiny_encoder_dir):
     with pytest.raises(ConfigError, match="pooling"):
-        build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=1), TaskRegistry(["a"]), pooling="max")
+        build_model(
+            str(tiny_encoder_dir), AdapterConfig(num_tasks=1), TaskRegistry(["a"]), pooling="max"
+        )

@@ -68,12 +68,16 @@ def test_zero_B_init_reproduces_base_exactly():
 
 
 def test_full_lambda_initialises_to_identity():
-    layer = MTLLoRALinear(nn.Linear(5, 5), AdapterConfig(r=3, num_tasks=2, lambda_type="full"), TaskRouter(2))
+    layer = MTLLoRALinear(
+        nn.Linear(5, 5), AdapterConfig(r=3, num_tasks=2, lambda_type="full"), TaskRouter(2)
+    )
     assert torch.equal(layer.lora_lambda, torch.eye(3).expand(2, 3, 3))
 
 
 def test_uniform_mix_init_gives_equal_weights():
-    layer = MTLLoRALinear(nn.Linear(5, 5), AdapterConfig(n_up=4, num_tasks=2, mix_init="uniform"), TaskRouter(2))
+    layer = MTLLoRALinear(
+        nn.Linear(5, 5), AdapterConfig(n_up=4, num_tasks=2, mix_init="uniform"), TaskRouter(2)
+    )
     torch.testing.assert_close(layer.mixing(), torch.full((2, 4), 0.25))
 
 
@@ -95,7 +99,10 @@ def test_parameter_count_matches_formula():
     trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
     assert trainable == r * d_in + T * r + n * d_out * r + T * n
     full, _ = make_layer("full", T=T, r=r, n=n, d_in=d_in, d_out=d_out)
-    assert sum(p.numel() for p in full.parameters() if p.requires_grad) == r * d_in + T * r * r + n * d_out * r + T * n
+    assert (
+        sum(p.numel() for p in full.parameters() if p.requires_grad)
+        == r * d_in + T * r * r + n * d_out * r + T * n
+    )
 
 
 def test_base_is_frozen_and_untouched_by_training_step():

@@ -79,7 +79,9 @@ def test_merge_on_minilm(minilm_dir):
     from .helpers import perturb_adapters
 
     torch.manual_seed(0)
-    model = build_model(minilm_dir, AdapterConfig(num_tasks=2), TaskRegistry(["exact", "broad"]), head_dropout=0.0)
+    model = build_model(
+        minilm_dir, AdapterConfig(num_tasks=2), TaskRegistry(["exact", "broad"]), head_dropout=0.0
+    )
     perturb_adapters(model, seed=1, scale=0.05)
     model.eval()
     tok = PairTokenizer(minilm_dir, max_length=48)
@@ -91,6 +93,8 @@ def test_merge_on_minilm(minilm_dir):
     x = {k: torch.tensor(v) for k, v in b.items()}
     with torch.no_grad():
         for t in range(2):
-            ref = model(x["input_ids"], x["attention_mask"], torch.full((3,), t), x["token_type_ids"])
+            ref = model(
+                x["input_ids"], x["attention_mask"], torch.full((3,), t), x["token_type_ids"]
+            )
             out = merge_task(model, t)(x["input_ids"], x["attention_mask"], x["token_type_ids"])
             assert (out - ref).abs().max().item() <= 1e-5

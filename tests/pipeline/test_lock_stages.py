@@ -15,9 +15,8 @@ from pipeline.stages import StageLog, hash_path, hash_value
 
 def test_second_holder_is_refused_while_first_lives(tmp_path):
     path = tmp_path / "adrel.lock"
-    with RunLock(path, owner="run-1"):
-        with pytest.raises(LockBusy, match=r"pid \d+ .*run-1"):
-            RunLock(path, owner="run-2").acquire()
+    with RunLock(path, owner="run-1"), pytest.raises(LockBusy, match=r"pid \d+ .*run-1"):
+        RunLock(path, owner="run-2").acquire()
     assert not path.exists()
     with RunLock(path, owner="run-2"):  # free again after release
         assert json.loads(path.read_text())["owner"] == "run-2"

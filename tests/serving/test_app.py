@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -96,31 +98,74 @@ def free_port(start: int = 18000, stop: int = 19000) -> int:
     raise RuntimeError("no free port in 18000-19000")
 
 
+def test_config_reports_every_error_and_keeps_batches_fillable():
+    from serving.config import ServeConfig, ServeConfigError, is_loopback
+
+    with pytest.raises(ServeConfigError) as e:
+        ServeConfig.build(
+            model=" ",
+            port=70000,
+            tasks=["ok", "a/b"],
+            batching={"max_batch_size": 0, "batch_wait_ms": -1},
+            limits={"max_items": 0},
+            reload_interval_s=0.5,
+        )
+    text = str(e.value)
+    for field in (
+        "model",
+        "port",
+        "tasks",
+        "max_batch_size",
+        "batch_wait_ms",
+        "max_items",
+        "reload_interval_s",
+    ):
+        assert field in text, (field, text)
+    with pytest.raises(ServeConfigError, match="max_ongoing_requests"):
+        ServeConfig.build(model="m", batching={"max_batch_size": 32}, max_ongoing_requests=8)
+    with pytest.raises(ServeConfigError, match="allow_remote"):
+        ServeConfig.build(model="m", host="0.0.0.0")
+    cfg = ServeConfig.build(
+        model="m", host="0.0.0.0", allow_remote=True, batching={"max_batch_size": 24}
+    )
+    assert cfg.ongoing_requests >= 24 * cfg.batching.max_concurrent_batches
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost", "10.0.0.1", "::")] == [
+        True, True, True, True, False, False
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_encoder_dir):
-    """adrel-search v1, v2 and adrel-shopping v1 in a real registry; champion -> v1."""
+def export_v1(tmp_path_factory, tiny_encoder_dir):
+    """An export of a tiny 2-task checkpoint with non-zero adapters and heads."""
     import torch
 
     from features.tasks import TaskRegistry
     from models.checkpoint import build_model, save_checkpoint
     from models.config import AdapterConfig
     from pipeline.export import export_checkpoint
-    from pipeline.registry import promote, register_export
 
-    tmp = tmp_path_factory.mktemp("serve-registry")
+    tmp = tmp_path_factory.mktemp("serve-export")
     torch.manual_seed(0)
     model = build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=2), TaskRegistry(TASKS))
     with torch.no_grad():
         for p in model.trainable_state().values():
             p.add_(torch.randn_like(p) * 0.5)  # non-zero B, Λ, w and heads
     ckpt = save_checkpoint(model, tmp / "ckpt", max_length=32)
-    v1 = export_checkpoint(ckpt, tmp / "export-v1").out_dir
-    v2 = derive_export(v1, tmp / "export-v2", bias_shift=1.5)
+    return export_checkpoint(ckpt, tmp / "export-v1").out_dir
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, export_v1):
+    """adrel-search v1, v2 and adrel-shopping v1 in a real registry; champion -> v1."""
+    from pipeline.registry import promote, register_export
+
+    tmp = tmp_path_factory.mktemp("serve-registry")
+    v2 = derive_export(export_v1, tmp / "export-v2", bias_shift=1.5)
     uri = "sqlite:///" + str((tmp / "mlflow.db").resolve())
     # models:/ downloads read the registry URI from the environment (as the replicas do)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    r1 = register_export(v1, tracking_uri=uri)
+    r1 = register_export(export_v1, tracking_uri=uri)
     r2 = register_export(v2, tracking_uri=uri, tasks=["search"])  # a new search model only
     for t in TASKS:
         promote(t, r1[t].version, reason="test", tracking_uri=uri)
@@ -133,6 +178,35 @@ def registry(tmp_path_factory, tiny_encoder_dir):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def test_directory_source_and_a_runtime_without_torch(export_v1):
+    """The replica's code path (config, source check, Scorers, API) imports no torch,
+    transformers, models/ or mlflow for a directory source."""
+    from serving.app import check_source, source_state
+    from serving.config import ServeConfig
+
+    cfg = ServeConfig.build(model=str(export_v1))
+    versions = source_state(cfg)
+    assert set(versions) == set(TASKS)
+    with pytest.raises(ValueError, match=r"no model for task\(s\) \['nope'\]"):
+        check_source(ServeConfig.build(model=str(export_v1), tasks=["search", "nope"]))
+    with pytest.raises(ValueError, match="no such directory"):
+        check_source(ServeConfig.build(model=str(export_v1 / "missing")))
+    code = f"""
+import sys
+from serving.app import ScoringService, build_api, load_models
+from serving.config import ServeConfig
+models = load_models(ServeConfig.build(model={str(export_v1)!r}, tasks=["shopping"]))
+build_api(ScoringService(models=models, cfg=ServeConfig.build(model="x")))
+print(sorted(models.scorers), models.versions()["shopping"])
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "models", "mlflow")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == f"['shopping'] {versions['shopping']}"
+    assert lines[-1] == "[]"
 
 
 def set_champion(registry, which: str) -> None:
@@ -329,4 +403,6 @@ def test_reload_refuses_a_source_that_drops_a_task(service, registry):
         ok = service.post("/v1/score", json={"task": "shopping", "items": items(2)})
         assert ok.status_code == 200 and ok.json()["model_version"] == registry["v1"]["shopping"]
     finally:
-        set_champion(registry, "v1")
+        from pipeline.registry import promote
+
+        promote("shopping", registry["v1"]["shopping"], reason="test", tracking_uri=registry["uri"])
