@@ -48,6 +48,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
     for attempt in range(1, 4):
         try:
             ray.init(
+                # "local": a new cluster; without it ray.init attaches to the newest cluster
+                # on the machine (/tmp/ray/ray_current_cluster), e.g. another user's.
+                address="local",
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 runtime_env=runtime_env,

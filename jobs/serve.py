@@ -20,8 +20,8 @@ import sys
 import threading
 
 EPILOG = """\
-model URIs: an export directory (index.json, or one task's directory), models:/<prefix>-<task>@<alias>,
-models:/adrel@champion (every adrel-<task> at that alias).
+model URIs: an export directory (index.json, or one task's directory),
+models:/<prefix>-<task>@<alias>, models:/adrel@champion (every adrel-<task> at that alias).
 
 endpoints: POST /v1/score, GET /v1/tasks, GET /v1/stats, GET /healthz, POST /v1/reload,
 GET /docs (OpenAPI).

@@ -4,8 +4,9 @@
                     an input task without a model fails here, before anything is written
     plan            driver: the files and their footers (pipeline.ingest.plan_read): the row
                     count per task, Ray-readable files vs files checked on the driver
-    read + mark     ray.data.read_parquet over the task partitions; `mark_block` (map_batches,
-                    fused into the read) adds the validation `reason` (features.validate)
+    read + mark     ray.data.read_parquet over the task partitions; `mark_for_scoring`
+                    (map_batches; Ray fuses it into the read tasks or the actors) adds the
+                    validation `reason` (features.validate via pipeline.ingest.mark_block)
     ScoreBlock      map_batches callable class on an actor pool: one ORT session per task per
                     actor (serving.scorer.Scorer), loaded once; tokenises with the shared
                     PairTokenizer, sorts the block by token length and scores it in trimmed
@@ -593,7 +594,7 @@ def mark_for_scoring(
 
 def _build_dataset(plan, driver_good: list[pa.Table], vcfg, schema: pa.Schema, read_cpus: float):
     """The marked rows as one lazy dataset of `schema`: the Ray-read files (validated in
-    map_batches, fused into the read) and the clean rows of driver-checked files."""
+    map_batches) and the clean rows of driver-checked files."""
     import ray.data
     from ray.data.datasource import Partitioning
 

@@ -8,7 +8,8 @@
     POST /v1/reload   load the model source again (e.g. a moved alias) and swap it in
     GET  /docs, /openapi.json
 
-Concurrent requests are gathered by `@serve.batch` into one model call per task. A replica
+Concurrent requests are gathered by `@serve.batch`; batches that wait for a busy model are
+merged into its next call (at most max_batch_size items, one ORT run per task). A replica
 holds one `ModelSet` (a Scorer per task); a reload builds the new set beside it and swaps the
 reference, so requests already admitted finish on the models they started with.
 The replica runs merged ONNX graphs through serving.scorer only: no torch, no models/.
@@ -275,7 +276,7 @@ class ScoringService:
         self._waiting: deque[Waiting] = deque()
         self._model_slots = asyncio.Semaphore(b.max_concurrent_batches)
         # Decorated per instance so that every batching setting comes from the config. Serve
-        # hands over every batch it forms (one per admitted request at most); the model slots
+        # hands over the batches it forms (about one per admitted request at most); the model slots
         # above bound the model calls, and batches waiting for one are merged (_score_batch).
         logging.getLogger("ray.serve").addFilter(_no_batch_limit_warning)
         self._batched = serve.batch(

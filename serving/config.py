@@ -36,7 +36,7 @@ class BatchingConfig(_Section):
         request pays it when the replica is idle; while the model is busy, requests gather
         anyway (batches waiting for the model are merged into the next call), so the default
         is 0: score at once when idle, in full batches when busy.
-    max_concurrent_batches: batches a replica runs at once (1 on CPU: the model already
+    max_concurrent_batches: model calls a replica runs at once (1 on CPU: the model already
         uses every intra-op thread; 2 can overlap tokenisation with compute on a GPU).
     """
 
@@ -158,7 +158,7 @@ class ServeConfig(_Section):
 
     @classmethod
     def build(cls, **fields) -> ServeConfig:
-        """Validate `fields` (nested sections as dicts), raising ServeConfigError with all errors."""
+        """Validate `fields` (sections as dicts); ServeConfigError lists every error."""
         try:
             return cls.model_validate(fields)
         except ValidationError as e:

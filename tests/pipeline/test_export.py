@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from features.tokenize import PairTokenizer
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import ConfigError
 from pipeline.export import (
@@ -89,8 +90,6 @@ def text_rows(n: int, seed: int = 0) -> dict[str, list]:
 
 def torch_logits(ckpt: Path, task: str, rows: dict) -> np.ndarray:
     """The unmerged multi-task model's logits for `rows` (the reference of every variant)."""
-    from features.tokenize import PairTokenizer
-
     model, cfg = load_checkpoint(ckpt)
     enc = PairTokenizer(ckpt, cfg["max_length"]).encode(
         rows["query"], rows["ad_title"], rows.get("ad_description")
@@ -161,8 +160,6 @@ def test_exported_models_reproduce_unmerged_model_on_unseen_shapes(exported):
     from pipeline.export import ort_session, run_session
 
     ckpt, out = exported
-    from features.tokenize import PairTokenizer
-
     rows = text_rows(5, seed=3)
     enc = PairTokenizer(ckpt, MAX_LEN).encode(
         rows["query"], rows["ad_title"], rows["ad_description"]
@@ -224,7 +221,9 @@ def test_refuses_to_overwrite_a_foreign_directory(exported, tmp_path):
 
 
 def test_int8_reports_auc_and_the_guard_refuses(exported, tmp_path):
-    """Labels = fp32 logit above its median, so fp32 AUC is 1 and any int8 swap costs AUC."""
+    """Labels are cut from the fp32 logits between a pair int8 orders the other way, so
+    fp32 AUC is 1 and int8 AUC is provably below it: the guard must see the drop."""
+    from pipeline.export import DEFAULT_INT8_RECIPE, ort_session, quantize_int8, run_session
     from serving.scorer import Scorer
 
     ckpt, fp32_export = exported
@@ -232,7 +231,21 @@ def test_int8_reports_auc_and_the_guard_refuses(exported, tmp_path):
     fp32 = Scorer(fp32_export / "a", providers="cpu").logits(
         rows["query"], rows["ad_title"], rows["ad_description"]
     )
-    labels = (fp32 > np.median(fp32)).astype(np.int64)
+    q_path = quantize_int8(fp32_export / "a" / "model.onnx", tmp_path / "q.onnx")
+    enc = PairTokenizer(fp32_export / "a", MAX_LEN).encode(
+        rows["query"], rows["ad_title"], rows["ad_description"]
+    )
+    q = np.concatenate(
+        [
+            run_session(ort_session(q_path), {k: v[i : i + 1] for k, v in enc.items()})
+            for i in range(len(fp32))
+        ]
+    )
+    hi, lo = np.nonzero((fp32[:, None] > fp32[None, :]) & (q[:, None] < q[None, :]))
+    assert len(hi), "int8 kept the exact ranking of 400 rows"
+    k = int(np.argmin(fp32[hi] - fp32[lo]))
+    tau = (fp32[hi[k]] + fp32[lo[k]]) / 2
+    labels = (fp32 > tau).astype(np.int64)
     val = write_validation(tmp_path / "val", "a", rows, labels)
 
     out = tmp_path / "int8"
@@ -241,8 +254,9 @@ def test_int8_reports_auc_and_the_guard_refuses(exported, tmp_path):
     rep = json.loads((out / "a" / "parity.json").read_text())["variants"]["int8"]
     auc = rep["auc"]
     assert res.tasks["a"].parity["variants"]["int8"]["auc"] == auc
+    assert rep["recipe"] == DEFAULT_INT8_RECIPE
     assert auc["rows"] == 400 and auc["positives"] == int(labels.sum())
-    assert auc["fp32"] == pytest.approx(1.0)
+    assert auc["fp32"] == pytest.approx(1.0) and auc["int8"] < 1.0
     assert auc["delta"] == pytest.approx(auc["int8"] - auc["fp32"])
     assert auc["pass"] and rep["pass"] and not rep["gated"]
     assert rep["max_abs_diff"] > 0  # int8 differs from the reference; reported, not gated
@@ -265,7 +279,6 @@ def test_int8_reports_auc_and_the_guard_refuses(exported, tmp_path):
     )
 
     drop = auc["fp32"] - auc["int8"]
-    assert drop > 0, "int8 kept the exact ranking: this check needs a lossy int8"
     refused = tmp_path / "refused"
     strict = ExportConfig(tasks=["a"], quantize="int8", validation=str(val), max_auc_drop=drop / 2)
     with pytest.raises(QuantizationError, match=r"task 'a'.*ROC-AUC"):

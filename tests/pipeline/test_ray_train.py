@@ -257,7 +257,8 @@ def test_missing_task_data_is_reported(tmp_path, tiny_encoder_dir, keyword_data)
 
 # Last in the module: it shuts the shared local cluster down for its own two-node one.
 def test_two_node_cluster(tmp_path, tiny_encoder_dir, keyword_data, mlflow_uri):
-    """The multi-node path: one worker on each node of a two-node local cluster."""
+    """The multi-node path: one worker on each node of a two-node local cluster, checkpoints
+    to storage given as a file:// URI."""
     import ray
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
@@ -284,9 +285,15 @@ def test_two_node_cluster(tmp_path, tiny_encoder_dir, keyword_data, mlflow_uri):
             "optim.max_steps=20",
             "eval.every_steps=20",
             "checkpoint.every_steps=10",
+            # Storage as a pyarrow filesystem URI (what a shared store looks like to nodes).
+            f"checkpoint.storage_path=file://{tmp_path / 'shared-storage'}",
         )
         res = run_training(cfg)
-        assert res.step == 20 and Path(res.local_checkpoint_dir).is_dir()
+        assert res.step == 20
+        assert res.checkpoint_path.startswith(f"file://{tmp_path / 'shared-storage'}/two-nodes/")
+        ckpt = Path(res.local_checkpoint_dir)
+        assert ckpt.parent == tmp_path / "shared-storage" / "two-nodes"
+        assert (ckpt / "config.json").is_file() and (ckpt / TRAIN_STATE_FILE).is_file()
         tags = MlflowClient(mlflow_uri).get_run(res.mlflow_run_id).data.tags
         assert tags["system.num_nodes"] == "2" and tags["system.world_size"] == "2"
     finally:
