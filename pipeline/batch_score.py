@@ -67,6 +67,7 @@ STATS_SCHEMA = pa.schema(
 DEFAULT_BATCH_SIZE = 128  # rows per ORT run: length-sorted, so little padding even at 128+
 DEFAULT_BLOCK_ROWS = 4096  # rows per actor call (one sort bucket, one output file per task)
 STALE_UNOWNED_S = 3600.0
+READ_CPUS = 0.5  # Ray CPUs per read + validation task
 
 Log = Callable[[str], None]
 
@@ -531,12 +532,12 @@ def _actor_resources(cfg: BatchScoreConfig) -> tuple[float, int, float]:
     if num_gpus is None:
         num_gpus = min(1.0, gpus / n) if gpus else 0.0
     threads = cfg.threads_per_actor or max(1, int(cpus // n))
-    # Ray's file listing needs a whole CPU and the reads some more: actors that reserved
-    # every CPU would starve them (the run would hang), so they leave one CPU unreserved.
-    # The reservation is bookkeeping; the ORT thread count is what uses the cores.
+    # Ray's file listing needs a whole CPU and each read task half of one: actors that
+    # reserved every CPU would starve them (the run would hang), so they leave 1.5 CPUs
+    # unreserved. The reservation is bookkeeping; the ORT thread count uses the cores.
     actor_cpus = cfg.cpus_per_actor
     if actor_cpus is None:
-        actor_cpus = min(float(threads), max(0.0, cpus - 1.0) / n)
+        actor_cpus = min(float(threads), max(0.0, cpus - 1.0 - READ_CPUS) / n)
     return actor_cpus, threads, num_gpus
 
 
@@ -779,7 +780,7 @@ def _run(
     }
     qcols = [c for c in layout.all_columns if c not in INTERNAL_COLUMNS]
     qcols += [c for c in ("task", "source_file", "reason") if c not in qcols]
-    ds = _build_dataset(plan, driver_good, vcfg, layout.schema, read_cpus=0.5)
+    ds = _build_dataset(plan, driver_good, vcfg, layout.schema, read_cpus=READ_CPUS)
     total = sum(c.rows_in for c in counts.values())
     progress = _Progress(total, cfg.progress_every_s, log)
     if log:

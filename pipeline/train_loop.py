@@ -237,17 +237,18 @@ class TrainLoop:
             t0 = time.perf_counter()
             batch = self._batch(self.sampler.next_batch(self.cfg.optim.batch_size))
             t1 = time.perf_counter()
-            # DDP: all-reduce gradients only on the last micro-batch of the step.
+            # DDP: all-reduce gradients only in the backward of the step's last micro-batch.
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
-            with contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast():
-                logits = self.model(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["task_id"],
-                    batch["token_type_ids"],
-                )  # (B,)
-                loss = self.module.loss(logits, batch["label"], batch["weight"])
-            (loss / accum).backward()
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self._autocast():
+                    logits = self.model(
+                        batch["input_ids"],
+                        batch["attention_mask"],
+                        batch["task_id"],
+                        batch["token_type_ids"],
+                    )  # (B,)
+                    loss = self.module.loss(logits, batch["label"], batch["weight"])
+                (loss / accum).backward()
             total += float(loss.detach())
             n_ex += len(batch["label"])
             self.timing["data_s"] += t1 - t0
@@ -384,6 +385,8 @@ class TrainLoop:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly; a collective when distributed (all ranks call)."""
         local = {"sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
+            local["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         per_rank = [local]
         if self.distributed:
             per_rank = [None] * self.world_size
@@ -422,6 +425,8 @@ class TrainLoop:
         if len(ranks) == self.world_size:
             self.sampler.load_state_dict(ranks[self.rank]["sampler"])
             torch.set_rng_state(ranks[self.rank]["torch_rng"])
+            if self.device.type == "cuda" and "cuda_rng" in ranks[self.rank]:
+                torch.cuda.set_rng_state(ranks[self.rank]["cuda_rng"], self.device)
         else:
             # Another world size: the shards differ, so the old positions mean nothing here.
             self.sampler = TaskSampler(

@@ -128,7 +128,9 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir):
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "service did not come up"
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"service did not come up:\n{proc.communicate()[0][-4000:]}")
             time.sleep(1)
         item = {"query": "red running shoes", "ad_title": "Trail shoes", "ad_description": "light"}
         r = httpx.post(f"{url}/v1/score", json={"task": "search", "items": [item]}, timeout=30)

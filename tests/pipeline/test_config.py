@@ -11,8 +11,13 @@ from pipeline.config import TrainConfig, build_config, load_config, preset_dir
 MINIMAL = {"data": {"train_root": "tr", "dev_root": "dv"}}
 
 
-def _presets():
-    return sorted(preset_dir().glob("*.yaml"))
+RETRAIN_PREFIX = "retrain-"  # presets of the retraining job (pipeline.retrain_config)
+
+
+def _presets(retrain: bool = False):
+    return sorted(
+        p for p in preset_dir().glob("*.yaml") if p.name.startswith(RETRAIN_PREFIX) == retrain
+    )
 
 
 def test_required_presets_ship():
@@ -20,8 +25,14 @@ def test_required_presets_ship():
     assert {"demo.yaml", "gpu-cluster.yaml", "tiny.yaml"} <= names
 
 
+@pytest.mark.parametrize("path", _presets(retrain=True), ids=lambda p: p.name)
+def test_every_retrain_preset_loads(path):
+    retrain_config = pytest.importorskip("pipeline.retrain_config")
+    assert retrain_config.load_retrain_config(path) is not None
+
+
 @pytest.mark.parametrize("path", _presets(), ids=lambda p: p.name)
-def test_every_preset_loads(path):
+def test_every_training_preset_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
     # A preset maps 1:1 onto the config: re-validating its dump gives the same config.

@@ -223,7 +223,12 @@ def test_refuses_to_overwrite_a_foreign_directory(exported, tmp_path):
 def test_int8_reports_auc_and_the_guard_refuses(exported, tmp_path):
     """Labels are cut from the fp32 logits between a pair int8 orders the other way, so
     fp32 AUC is 1 and int8 AUC is provably below it: the guard must see the drop."""
-    from pipeline.export import DEFAULT_INT8_RECIPE, ort_session, quantize_int8, run_session
+    from pipeline.export import (
+        DEFAULT_INT8_RECIPE,
+        ort_session,
+        quantize_int8,
+        validation_logits,
+    )
     from serving.scorer import Scorer
 
     ckpt, fp32_export = exported
@@ -232,15 +237,8 @@ def test_int8_reports_auc_and_the_guard_refuses(exported, tmp_path):
         rows["query"], rows["ad_title"], rows["ad_description"]
     )
     q_path = quantize_int8(fp32_export / "a" / "model.onnx", tmp_path / "q.onnx")
-    enc = PairTokenizer(fp32_export / "a", MAX_LEN).encode(
-        rows["query"], rows["ad_title"], rows["ad_description"]
-    )
-    q = np.concatenate(
-        [
-            run_session(ort_session(q_path), {k: v[i : i + 1] for k, v in enc.items()})
-            for i in range(len(fp32))
-        ]
-    )
+    # as the export measures it: dynamic int8 depends on the batch, so batch the same way
+    q = validation_logits(ort_session(q_path), fp32_export / "a", MAX_LEN, rows)
     hi, lo = np.nonzero((fp32[:, None] > fp32[None, :]) & (q[:, None] < q[None, :]))
     assert len(hi), "int8 kept the exact ranking of 400 rows"
     k = int(np.argmin(fp32[hi] - fp32[lo]))

@@ -283,6 +283,7 @@ def test_two_node_cluster(tmp_path, tiny_encoder_dir, keyword_data, mlflow_uri):
             "scaling.num_workers=2",
             "run_name=two-nodes",
             "optim.max_steps=20",
+            "optim.grad_accum=2",  # DDP's no_sync on the first micro-batch of each step
             "eval.every_steps=20",
             "checkpoint.every_steps=10",
             # Storage as a pyarrow filesystem URI (what a shared store looks like to nodes).
