@@ -790,6 +790,9 @@ def _run(
         )
     progress.add(sum(c.quarantined for c in counts.values()), block=False)
     if ds is not None:
+        # Blocks of at most block_rows rows (streaming, no shuffle): each is one actor call,
+        # so the pool shares the work and progress arrives block by block.
+        ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
         scored = ds.map_batches(
             ScoreBlock,
             fn_constructor_kwargs={
@@ -815,7 +818,7 @@ def _run(
                     c.quarantined += r["rows"]
                     c.reasons[r["reason"]] = c.reasons.get(r["reason"], 0) + r["rows"]
                 expected[r["file"]] = expected.get(r["file"], 0) + r["rows"]
-                progress.add(r["rows"])
+            progress.add(int(pc.sum(stats.column("rows")).as_py() or 0))
     files = verify_staging(staging, expected)
     result = BatchScoreResult(
         output_dir="",
