@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = ap.parse_args()
 
-    from jobs.runtime import ensure_ray, set_env_defaults
+    from jobs.runtime import ensure_ray, set_env_defaults, shutdown_ray
 
     set_env_defaults()
     tmp = tempfile.TemporaryDirectory(prefix="adrel-bench-serve-")
@@ -303,6 +303,7 @@ def main() -> None:
 
     stats = get_json(port, "/batched/v1/stats")
     serve.shutdown()
+    shutdown_ray()
 
     def med(name: str, c: int, key: str) -> float:
         return statistics.median(x[key] for x in runs[(name, c)])

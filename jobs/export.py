@@ -94,16 +94,26 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{e}\nnothing was published to {args.out}", GATE_EXIT) from None
     print(result.summary())
     if args.register:
-        from pipeline.registry import register_export
-
-        try:
-            versions = register_export(
-                result.out_dir, prefix=args.prefix, tracking_uri=turi, source_run_id=resolved.run_id
-            )
-        except Exception as e:  # the export stands; only the registry step failed
-            raise UserError(
-                f"exported to {result.out_dir}, but registering in MLflow ({turi}) failed: {e}", 1
-            ) from e
-        for task, rv in versions.items():
-            print(f"registered {rv.name} version {rv.version} (alias challenger) for task {task}")
+        _register(args, result.out_dir, ckpt, resolved, turi)
     return 0
+
+
+def _register(args, out_dir, ckpt, resolved, turi: str) -> None:
+    """The checkpoint as `<prefix>-mtl` (unless it came from there) and each task model."""
+    from pipeline.registry import mtl_model_name, register_checkpoint, register_export
+
+    try:
+        run_id = resolved.run_id
+        if resolved.name != mtl_model_name(args.prefix):
+            mtl = register_checkpoint(ckpt, run_id=run_id, prefix=args.prefix, tracking_uri=turi)
+            run_id = mtl.run_id
+            print(f"checkpoint: {mtl.name} version {mtl.version}")
+        versions = register_export(
+            out_dir, prefix=args.prefix, tracking_uri=turi, source_run_id=run_id
+        )
+    except Exception as e:  # the export stands; only the registry step failed
+        raise UserError(
+            f"exported to {out_dir}, but registering in MLflow ({turi}) failed: {e}", 1
+        ) from e
+    for task, rv in versions.items():
+        print(f"registered {rv.name} version {rv.version} (alias challenger) for task {task}")

@@ -231,21 +231,22 @@ def register_checkpoint(
 ) -> RegisteredVersion:
     """Register a multi-task checkpoint as a new `<prefix>-mtl` version (alias challenger).
 
-    run_id: the training run the checkpoint came from (the model is logged into it). A run
-        already registered returns its existing version: one version per training run.
+    run_id: the training run the checkpoint came from (the model is logged into it).
+    A training run, or a checkpoint with the same weights, that is already registered returns
+    its existing version: one version per training run, never duplicates.
     """
-    from models.checkpoint import read_config
+    from models.checkpoint import WEIGHTS_FILE, read_config
 
     ckpt = Path(ckpt_dir)
     cfg = read_config(ckpt)
     client = _client(tracking_uri)
     uri = _tracking_uri(tracking_uri)
     name = mtl_model_name(prefix)
-    if run_id:
-        for mv in client.search_model_versions(f"name = '{name}'"):
-            if mv.run_id == run_id:
-                return RegisteredVersion(name, str(mv.version), run_id, tuple(mv.aliases))
-    else:
+    digest = _sha256(ckpt / WEIGHTS_FILE)
+    for mv in _search_versions(client, name):
+        if (run_id and mv.run_id == run_id) or mv.tags.get("adrel.checkpoint_sha256") == digest:
+            return RegisteredVersion(name, str(mv.version), mv.run_id, _aliases_of(client, mv))
+    if not run_id:
         exp = _experiment(client, f"{prefix}-registry", uri)
         run_id = client.create_run(exp, run_name=f"register-{name}").info.run_id
     _ensure_registered_model(client, name, {KIND_TAG: "mtl"})
@@ -258,12 +259,37 @@ def register_checkpoint(
         "adrel.tasks": ",".join(sorted(cfg["tasks"], key=cfg["tasks"].get)),
         "adrel.base_model": str(cfg.get("base_model")),
         "adrel.source_run": run_id,
+        "adrel.checkpoint_sha256": digest,
         **{k: _tag_value(v) for k, v in (tags or {}).items()},
     }
     for k, v in vtags.items():
         client.set_model_version_tag(name, rv.version, k, v)
     client.set_registered_model_alias(name, CHALLENGER, rv.version)
     return RegisteredVersion(name, rv.version, run_id, (CHALLENGER,))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _search_versions(client, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []
+
+
+def _aliases_of(client, mv) -> tuple[str, ...]:
+    rm = client.get_registered_model(mv.name)
+    return tuple(sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version)))
 
 
 def register_export(

@@ -75,9 +75,15 @@ def test_register_promote_and_list(ckpt, tmp_path, capsys, mlflow_uri, monkeypat
     assert main(["promote", "--task", "a", "--version", "5"]) == 2
     assert "no version '5'" in capsys.readouterr().err
 
+    # a local checkpoint with --register: registered once as adrel-mtl (same weights: v1)
+    rc = main(["export", "--model", str(ckpt), "--out", str(tmp_path / "e3"), "--register"])
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "checkpoint: adrel-mtl version 1" in stdout
+    assert "registered adrel-a version 2" in stdout
+
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
-    assert "adrel-a  [task]  challenger=v1, champion=v1" in listing
+    assert "adrel-a  [task]  challenger=v2, champion=v1" in listing
     assert "adrel-mtl  [mtl]  challenger=v1" in listing
     assert main(["models", "--json"]) == 0
     names = [m["name"] for m in json.loads(capsys.readouterr().out)]

@@ -18,7 +18,13 @@ from pipeline.registry import (
     register_export,
 )
 from serving.scorer import Scorer, ScorerError, load_scorers
-from tests.pipeline.test_export import TASKS, shared_export, text_rows, torch_logits
+from tests.pipeline.test_export import (
+    TASKS,
+    make_checkpoint,
+    shared_export,
+    text_rows,
+    torch_logits,
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +146,9 @@ def test_promote_moves_champion_and_records_it(exported, client, cache):
     assert [v["version"] for v in m["versions"]] == ["1", "2"]
 
 
-def test_checkpoint_one_version_per_training_run(exported, client, cache, tmp_path):
+def test_checkpoint_one_version_per_training_run(
+    exported, client, cache, tmp_path, tiny_encoder_dir
+):
     from models.checkpoint import load_checkpoint
 
     ckpt, _ = exported
@@ -149,7 +157,11 @@ def test_checkpoint_one_version_per_training_run(exported, client, cache, tmp_pa
     v1 = register_checkpoint(ckpt, run_id=run_id)
     assert (v1.name, v1.version, v1.aliases) == ("adrel-mtl", "1", ("challenger",))
     assert register_checkpoint(ckpt, run_id=run_id).version == "1"  # same run: same version
-    assert register_checkpoint(ckpt).version == "2"  # another run
+    assert register_checkpoint(ckpt).version == "1"  # same weights: no duplicate
+    other = make_checkpoint(tiny_encoder_dir, tmp_path / "other", seed=1)
+    v2 = register_checkpoint(other)
+    assert v2.version == "2" and v2.run_id != run_id
+    assert str(client.get_model_version_by_alias("adrel-mtl", "challenger").version) == "2"
     assert client.get_model_version("adrel-mtl", "1").run_id == run_id
     assert client.get_registered_model("adrel-mtl").tags["adrel.kind"] == "mtl"
 
