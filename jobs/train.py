@@ -2,6 +2,10 @@
 
     adrel train --config jobs/presets/demo.yaml [--set optim.lr=1e-3 ...]
                 [--address ray://head:10001] [--run-name NAME]
+    adrel train --add-task NAME --from URI --data DIR [--out DIR] [--train-shared]
+
+Onboarding (--add-task) extends a trained multi-task model with one task by training only
+that task's Λ_t, w_t and head; the old tasks' outputs stay bit-identical.
 
 Starting again with the same --run-name (and storage path) resumes from the run's last
 checkpoint. Prints the MLflow run id and the final checkpoint path; exits non-zero with a
@@ -23,7 +27,7 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, help="YAML config (see jobs/presets/*.yaml)")
+    p.add_argument("--config", help="YAML config (see jobs/presets/*.yaml)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -35,7 +39,45 @@ def register(subparsers) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--run-name", help="run name; an existing run of that name is resumed")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (local only)")
+    add_onboard_arguments(p)
     p.set_defaults(func=run)
+
+
+def add_onboard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--add-task` options of `adrel train` (onboarding a task onto a trained model)."""
+    g = parser.add_argument_group("onboard a new task (train only its per-task parameters)")
+    g.add_argument("--add-task", dest="add_task", metavar="NAME", help="name of the new task")
+    g.add_argument(
+        "--from",
+        dest="from_uri",
+        metavar="URI",
+        help="trained model: checkpoint dir or MLflow URI (models:/name@alias, runs:/id/path)",
+    )
+    g.add_argument(
+        "--data",
+        dest="onboard_data",
+        metavar="DIR",
+        help="DIR/train/task=NAME (+ DIR/dev/task=NAME for model selection), or DIR/task=NAME",
+    )
+    g.add_argument(
+        "--out",
+        dest="onboard_out",
+        metavar="DIR",
+        help="where to write the extended checkpoint (default: <model>+<task>)",
+    )
+    g.add_argument(
+        "--train-shared",
+        action="store_true",
+        help="also fine-tune shared parts (old tasks' outputs then change)",
+    )
+    g.add_argument("--onboard-max-rows", type=int, default=None, metavar="N")
+    g.add_argument(
+        "--onboard-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the onboarding training config, e.g. optim.lr=5e-4 (repeatable)",
+    )
 
 
 def train(
@@ -76,8 +118,47 @@ def train(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.add_task:
+        if args.config or args.overrides:
+            raise UserError("--add-task takes --from/--data/--onboard-set, not --config/--set")
+        return onboard(args)
+    if not args.config:
+        raise UserError("adrel train needs --config FILE (or --add-task NAME --from URI --data DIR)")
     result = train(args.config, args.overrides, args.address, args.run_name, args.num_cpus)
     print(result.summary())
     print(f"MLFLOW_RUN_ID={result.mlflow_run_id or ''}")
     print(f"CHECKPOINT={result.checkpoint_path}")
+    return 0
+
+
+def onboard(args: argparse.Namespace) -> int:
+    """`adrel train --add-task`: resolve the model, onboard the task, print a JSON summary."""
+    import json
+    import tempfile
+
+    from pipeline.onboard import add_task, resolve_checkpoint
+
+    missing = [f for f, v in (("--from", args.from_uri), ("--data", args.onboard_data)) if not v]
+    if missing:
+        raise UserError(f"--add-task needs {' and '.join(missing)}")
+    if not Path(args.onboard_data).is_dir():
+        raise UserError(f"--data {args.onboard_data}: no such directory")
+    out = args.onboard_out or f"{Path(str(args.from_uri)).name or 'model'}+{args.add_task}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="adrel-onboard-") as tmp:
+            ckpt = resolve_checkpoint(args.from_uri, Path(tmp))
+            report = add_task(
+                ckpt,
+                args.add_task,
+                args.onboard_data,
+                out,
+                overrides=args.onboard_set,
+                train_shared=args.train_shared,
+                max_rows=args.onboard_max_rows,
+            )
+    except ValueError as e:  # OnboardError, ConfigError, ModelURIError, a bad task name
+        raise UserError(str(e)) from None
+    summary = {k: v for k, v in report.to_dict().items() if k != "history"}
+    print(json.dumps(summary, indent=2))
+    print(f"CHECKPOINT={report.out_dir}")
     return 0

@@ -10,12 +10,11 @@ tasks' logits are identical to the original model's. With `train_shared` old tas
 that is a cheaper retrain, not an onboarding.
 
     add_task(ckpt_dir, "newtask", data_dir, out_dir)       # library entry point
-    adrel train --add-task NAME --from URI --data DIR      # via register_onboard(parser)
+    adrel train --add-task NAME --from URI --data DIR      # the CLI (jobs/train.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import tempfile
@@ -286,72 +285,6 @@ def add_task(
     save_checkpoint(new, out_dir, ckpt_cfg.get("max_length", 128), ckpt_dir, extra)
     report.out_dir = str(out_dir)
     return report
-
-
-# ---------------------------------------------------------------------------- CLI hook
-
-
-def register_onboard(parser: argparse.ArgumentParser) -> None:
-    """Add the onboarding options to `adrel train`'s parser (the train job dispatches on
-    `args.add_task` and calls `run_onboard(args)`)."""
-    g = parser.add_argument_group("onboard a new task (train only its per-task parameters)")
-    g.add_argument("--add-task", dest="add_task", metavar="NAME", help="name of the new task")
-    g.add_argument(
-        "--from",
-        dest="from_uri",
-        metavar="URI",
-        help="trained model: checkpoint dir or MLflow URI (models:/name@alias, runs:/id/path)",
-    )
-    g.add_argument(
-        "--data",
-        dest="onboard_data",
-        metavar="DIR",
-        help="DIR/train/task=NAME (+ DIR/dev/task=NAME), or DIR/task=NAME",
-    )
-    g.add_argument(
-        "--out", dest="onboard_out", metavar="DIR", help="where to write the extended checkpoint"
-    )
-    g.add_argument(
-        "--train-shared",
-        action="store_true",
-        help="also fine-tune shared parts (old tasks' outputs then change)",
-    )
-    g.add_argument("--onboard-max-rows", type=int, default=None, metavar="N")
-    g.add_argument(
-        "--onboard-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the onboarding TrainConfig, e.g. optim.lr=5e-4 (repeatable)",
-    )
-
-
-def run_onboard(args: argparse.Namespace) -> int:
-    """The job body for `adrel train --add-task`: resolve the model, onboard, print a summary."""
-    import json
-
-    from jobs.cli import UserError
-
-    missing = [
-        flag for flag, v in (("--from", args.from_uri), ("--data", args.onboard_data)) if not v
-    ]
-    if missing:
-        raise UserError(f"--add-task needs {' and '.join(missing)}")
-    out = args.onboard_out or f"{Path(str(args.from_uri)).name or 'model'}+{args.add_task}"
-    with tempfile.TemporaryDirectory(prefix="adrel-onboard-") as tmp:
-        ckpt = resolve_checkpoint(args.from_uri, Path(tmp))
-        report = add_task(
-            ckpt,
-            args.add_task,
-            args.onboard_data,
-            out,
-            overrides=args.onboard_set,
-            train_shared=args.train_shared,
-            max_rows=args.onboard_max_rows,
-        )
-    summary = {k: v for k, v in report.to_dict().items() if k != "history"}
-    print(json.dumps(summary, indent=2))
-    return 0
 
 
 def resolve_checkpoint(uri: str | Path, tmp: Path) -> Path:

@@ -68,6 +68,7 @@ class TrainResult:
     best_step: int = 0
     best_macro_auc: float = float("nan")
     storage_path: str = ""
+    resumed_from_step: int | None = None  # the checkpoint step the last attempt started from
 
     def summary(self) -> str:
         per_task = {
@@ -75,9 +76,10 @@ class TrainResult:
             for k, v in self.metrics.items()
             if k.startswith("best/auc/")
         }
+        resumed = f", resumed from step {self.resumed_from_step}" if self.resumed_from_step else ""
         lines = [
             f"run: {self.run_name} ({self.step} steps, best macro AUC {self.best_macro_auc:.4f} "
-            f"at step {self.best_step})",
+            f"at step {self.best_step}{resumed})",
             "per-task dev AUC: " + ", ".join(f"{t} {v:.4f}" for t, v in sorted(per_task.items())),
             f"mlflow run id: {self.mlflow_run_id} ({self.tracking_uri})",
             f"checkpoint: {self.checkpoint_path}",
@@ -293,6 +295,9 @@ def _train_result(result, run_name: str, storage: str, tracking_uri: str | None)
         best_step=int(m.get("best_step", 0)),
         best_macro_auc=float(m.get("best/macro_auc", float("nan"))),
         storage_path=storage,
+        resumed_from_step=int(m["resumed_from_step"])
+        if m.get("resumed_from_step", -1) >= 0
+        else None,
     )
 
 

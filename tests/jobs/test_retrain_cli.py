@@ -42,11 +42,13 @@ def _client(workdir: Path):
 
 
 def _aliases(workdir: Path, name: str) -> dict:
-    return dict(_client(workdir).get_registered_model(name).aliases)
+    # MLflow hands versions back as int or str depending on the store: compare as strings
+    return {a: str(v) for a, v in _client(workdir).get_registered_model(name).aliases.items()}
 
 
 def _versions(workdir: Path, name: str) -> list[str]:
-    return sorted(v.version for v in _client(workdir).search_model_versions(f"name = '{name}'"))
+    versions = _client(workdir).search_model_versions(f"name = '{name}'")
+    return sorted((str(v.version) for v in versions), key=int)
 
 
 @pytest.fixture(scope="module")

@@ -168,12 +168,17 @@ def test_sigkill_midway_leaves_no_visible_output_and_rerun_completes(
     cmd = [sys.executable, "-m", "jobs", "score", "--num-cpus", "2", *map(str, args)]
     proc = _start_until_staged(cmd, out, tmp_path / "killed-run.log")
     try:
+        # the whole job dies at once, as when its container or node goes: every process of
+        # the session (Ray starts some of them in process groups of their own)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         for _ in range(100):  # killed processes take a moment to be reaped
             left = _session_members(proc.pid)
             if not left:
                 break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
         assert not left, f"processes of the killed run still alive: {left}"
     finally:

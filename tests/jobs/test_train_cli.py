@@ -151,10 +151,13 @@ def test_sigkilled_driver_resumes_with_same_run_name(
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     out = second.stdout + second.stderr
+    (tmp_path / "second.log").write_text(out)
     assert second.returncode == 0, out[-4000:]
-    resumed = int(re.search(r"resuming run resume-me from step (\d+)", out).group(1))
+    summary = re.search(r"run: resume-me \((\d+) steps, .*, resumed from step (\d+)\)", out)
+    assert summary, out[-4000:]
+    assert int(summary.group(1)) == 80
+    resumed = int(summary.group(2))
     assert 10 <= resumed < 80 and resumed % 10 == 0
-    assert "run: resume-me (80 steps" in out
     run_id = re.search(r"MLFLOW_RUN_ID=(\w+)", out).group(1)
     ckpt = re.search(r"CHECKPOINT=(\S+)", out).group(1)
     assert Path(ckpt).parent == run_dir and (Path(ckpt) / "config.json").is_file()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from features.tasks import TaskRegistry
+from jobs.cli import main as cli_main
 from models.adapters import ADAPTERS
 from models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from models.merge import merge_task
@@ -19,8 +18,6 @@ from pipeline.onboard import (
     extend_model,
     onboard,
     onboard_config,
-    register_onboard,
-    run_onboard,
     task_axis_keys,
 )
 from tests.models.helpers import tiny_model, token_batch
@@ -187,14 +184,16 @@ def test_refuses_existing_task_and_foreign_rows(trained, tiny_encoder_dir):
         onboard(model, "fresh", arrays, None, cfg, log=None)
 
 
-def test_cli_hook_onboards_from_a_checkpoint_dir(trained, tmp_path, capsys):
+def _onboard_argv(src: str, data, out) -> list[str]:
+    argv = ["train", "--add-task", "fresh", "--from", src, "--data", str(data), "--out", str(out)]
+    return argv + [x for f in FAST for x in ("--onboard-set", f)]
+
+
+def test_cli_onboards_from_a_checkpoint_dir(trained, tmp_path, capsys):
     ckpt, data = trained
-    parser = argparse.ArgumentParser()
-    register_onboard(parser)
-    argv = ["--add-task", "fresh", "--from", str(ckpt), "--data", str(data)]
-    argv += ["--out", str(tmp_path / "cli-out")] + [x for f in FAST for x in ("--onboard-set", f)]
-    assert run_onboard(parser.parse_args(argv)) == 0
-    assert '"task_id": 3' in capsys.readouterr().out
+    assert cli_main(_onboard_argv(str(ckpt), data, tmp_path / "cli-out")) == 0
+    out = capsys.readouterr().out
+    assert '"task_id": 3' in out and f"CHECKPOINT={tmp_path / 'cli-out'}" in out
     assert TaskRegistry.from_dict(read_config(tmp_path / "cli-out")["tasks"]).names[-1] == "fresh"
 
 
@@ -208,14 +207,24 @@ def test_onboard_from_mlflow_then_export_like_any_model(trained, tmp_path, mlflo
     exp = client.create_experiment("onboard", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp).info.run_id
     client.log_artifacts(run_id, str(ckpt), "model")
-    parser = argparse.ArgumentParser()
-    register_onboard(parser)
-    argv = ["--add-task", "fresh", "--from", f"runs:/{run_id}/model", "--data", str(data)]
-    argv += ["--out", str(tmp_path / "grown")] + [x for f in FAST for x in ("--onboard-set", f)]
-    assert run_onboard(parser.parse_args(argv)) == 0
+    assert cli_main(_onboard_argv(f"runs:/{run_id}/model", data, tmp_path / "grown")) == 0
     result = export_checkpoint(
         tmp_path / "grown", tmp_path / "export", ExportConfig(tasks=["fresh"])
     )
     te = result.tasks["fresh"]
     assert te.meta["task_id"] == 3
     assert all(rep["pass"] for rep in te.parity["variants"].values())
+
+
+def test_cli_errors_name_what_is_wrong(trained, tmp_path, capsys):
+    ckpt, data = trained
+    assert cli_main(["train", "--add-task", "fresh", "--from", str(ckpt)]) == 2
+    assert "--add-task needs --data" in capsys.readouterr().err
+    assert cli_main(_onboard_argv(str(tmp_path / "nowhere"), data, tmp_path / "o")) == 2
+    assert "nowhere" in capsys.readouterr().err
+    argv = _onboard_argv(str(ckpt), data, tmp_path / "o2")
+    argv[argv.index("fresh")] = "exact"  # already a task of the model
+    assert cli_main(argv) == 2
+    assert "task 'exact' already exists" in capsys.readouterr().err
+    assert cli_main(["train"]) == 2
+    assert "needs --config" in capsys.readouterr().err
