@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--add-task takes --from/--data/--onboard-set, not --config/--set")
         return onboard(args)
     if not args.config:
-        raise UserError("adrel train needs --config FILE (or --add-task NAME --from URI --data DIR)")
+        raise UserError(
+            "adrel train needs --config FILE (or --add-task NAME --from URI --data DIR)"
+        )
     result = train(args.config, args.overrides, args.address, args.run_name, args.num_cpus)
     print(result.summary())
     print(f"MLFLOW_RUN_ID={result.mlflow_run_id or ''}")

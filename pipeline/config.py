@@ -315,13 +315,13 @@ def format_validation_error(err: ValidationError) -> list[str]:
     return out
 
 
-def build_config(d: dict | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Validate a config dict (plus overrides); raise ConfigError listing every problem."""
+def validate_config(model: type[BaseModel], d: dict | None, overrides: list[str] | None = None):
+    """`model` validated from dict `d` plus dotted overrides; ConfigError lists every problem."""
     d = dict(d or {})
     parsed, errors = parse_overrides(overrides)
     errors += apply_overrides(d, parsed)
     try:
-        cfg = TrainConfig.model_validate(d)
+        cfg = model.model_validate(d)
     except ValidationError as e:
         raise ConfigError(errors + format_validation_error(e)) from None
     if errors:
@@ -329,22 +329,28 @@ def build_config(d: dict | None, overrides: list[str] | None = None) -> TrainCon
     return cfg
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file's mapping; ConfigError when it is missing, malformed or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} does not exist"])
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
+    if not isinstance(d, dict):
+        raise ConfigError([f"config file {str(p)!r} must hold a mapping, got {type(d).__name__}"])
+    return d
+
+
+def build_config(d: dict | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Validate a config dict (plus overrides); raise ConfigError listing every problem."""
+    return validate_config(TrainConfig, d, overrides)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config file (or start empty when path is None) and apply dotted overrides."""
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file {str(p)!r} does not exist"])
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
-        if not isinstance(d, dict):
-            raise ConfigError(
-                [f"config file {str(p)!r} must hold a mapping, got {type(d).__name__}"]
-            )
-    return build_config(d, overrides)
+    return build_config(read_yaml(path) if path is not None else {}, overrides)
 
 
 def preset_dir() -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from models.config import ConfigError
@@ -18,9 +17,9 @@ from pipeline.config import (
     RUN_NAME_RE,
     TrainConfig,
     _Section,
-    apply_overrides,
     format_validation_error,
-    parse_overrides,
+    read_yaml,
+    validate_config,
 )
 
 
@@ -190,21 +189,4 @@ class RetrainConfig(_Section):
 
 def load_retrain_config(path: str | Path, overrides: list[str] | None = None) -> RetrainConfig:
     """Read a retrain YAML and apply dotted overrides; ConfigError lists every problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file {str(p)!r} does not exist"])
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
-    if not isinstance(d, dict):
-        raise ConfigError([f"config file {str(p)!r} must hold a mapping"])
-    parsed, errors = parse_overrides(overrides)
-    errors += apply_overrides(d, parsed)
-    try:
-        cfg = RetrainConfig.model_validate(d)
-    except ValidationError as e:
-        raise ConfigError(errors + format_validation_error(e)) from None
-    if errors:
-        raise ConfigError(errors)
-    return cfg
+    return validate_config(RetrainConfig, read_yaml(path), overrides)
