@@ -232,8 +232,10 @@ def register_checkpoint(
     """Register a multi-task checkpoint as a new `<prefix>-mtl` version (alias challenger).
 
     run_id: the training run the checkpoint came from (the model is logged into it).
-    A training run, or a checkpoint with the same weights, that is already registered returns
-    its existing version: one version per training run, never duplicates.
+    A training run already registered returns its existing version: one version per training
+    run, never duplicates. Without `run_id`, a registered checkpoint with the same weights is
+    that version (registering a local directory twice adds nothing); a new training run gets
+    its own version even when its weights equal an earlier run's (its lineage differs).
     """
     from models.checkpoint import WEIGHTS_FILE, read_config
 
@@ -244,7 +246,8 @@ def register_checkpoint(
     name = mtl_model_name(prefix)
     digest = _sha256(ckpt / WEIGHTS_FILE)
     for mv in _search_versions(client, name):
-        if (run_id and mv.run_id == run_id) or mv.tags.get("adrel.checkpoint_sha256") == digest:
+        same = mv.run_id == run_id if run_id else mv.tags.get("adrel.checkpoint_sha256") == digest
+        if same:
             return RegisteredVersion(name, str(mv.version), mv.run_id, _aliases_of(client, mv))
     if not run_id:
         exp = _experiment(client, f"{prefix}-registry", uri)
