@@ -44,7 +44,7 @@ def retrain(config, overrides=(), run_name=None, address=None, num_cpus=None, lo
         cfg = load_retrain_config(config, list(overrides))
     except ConfigError as e:
         raise UserError(str(e)) from None
-    started = ensure_ray(address, num_cpus=num_cpus)
+    started = ensure_ray(address, num_cpus=num_cpus, state_api=True)
     try:
         return Retrain(cfg, run_name, log=log).run()
     except LockBusy as e:

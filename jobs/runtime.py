@@ -6,6 +6,7 @@ Library code below jobs/ never calls ray.init or picks a tracking URI: jobs do, 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 DEFAULT_WORKDIR = "adrel-work"
@@ -28,9 +29,14 @@ def set_env_defaults() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
+def ensure_ray(
+    address: str | None = None, num_cpus: int | None = None, state_api: bool = False, **kwargs
+):
     """Connect to `address` (or RAY_ADDRESS), else start a local cluster on 127.0.0.1.
 
+    state_api: the local cluster also runs Ray's dashboard process (loopback, a free port),
+    which serves the state API. Ray Train needs it: its placement-group cleaner polls the
+    controller's state there, and without it warns every second for the whole run.
     Returns True when this call started or connected Ray (the caller should shut it down).
     """
     import ray
@@ -52,7 +58,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
                 # on the machine (/tmp/ray/ray_current_cluster), e.g. another user's.
                 address="local",
                 num_cpus=num_cpus,
-                include_dashboard=False,
+                **_dashboard_options(state_api),
                 runtime_env=runtime_env,
                 log_to_driver=True,
                 **kwargs,
@@ -63,6 +69,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
                 raise
             ray.shutdown()
     return True
+
+
+def _dashboard_options(enabled: bool) -> dict:
+    if not enabled:
+        return {"include_dashboard": False}
+    with socket.socket() as s:  # a free loopback port (several local clusters may coexist)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def _worker_env() -> dict[str, str]:

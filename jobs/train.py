@@ -103,7 +103,7 @@ def train(
         preflight(cfg)  # data problems surface before a cluster is started
     except (ConfigError, DataError) as e:
         raise UserError(str(e)) from None
-    started = ensure_ray(cfg.scaling.address, num_cpus=num_cpus)
+    started = ensure_ray(cfg.scaling.address, num_cpus=num_cpus, state_api=True)
     try:
         return run_training(
             cfg, config_text=Path(config).read_text(), config_name=Path(config).name
