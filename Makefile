@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# Two pytest workers, one test file each at a time: the integration tests spend most of their
+# time waiting on process and cluster start-up, so two streams fit on two cores.
+# `make test PYTEST_WORKERS=0` runs them in one process.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 WORKDIR ?= adrel-work
 BIN := $(VENV)/bin
@@ -24,7 +28,7 @@ demo: install
 	$(BIN)/adrel demo --workdir $(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
