@@ -5,7 +5,9 @@ dynamic batching (max batch size --batch-size, wait --batch-wait-ms) and one wit
 size 1). Phases are interleaved round-robin (--rounds) so both share the machine's conditions,
 and each phase is bounded by a request count and a time limit. The bare Scorer's latency for
 one item (same texts, same process type, no HTTP) is measured in the same run: the difference
-is the service's own overhead. Last line: one JSON object.
+is the service's own overhead. A third app that does nothing but parse the body and return a
+constant gives Ray Serve's own floor on the machine (`serve_floor_p50_ms`): HTTP proxy, routing
+to the replica and back. Last line: one JSON object.
 
     python benchmarks/bench_serving_load.py [--model DIR|URI] [--requests 200] [--rounds 3]
 
@@ -194,6 +196,28 @@ def get_json(port: int, path: str) -> dict:
     return out
 
 
+def echo_app():
+    """Ray Serve's own floor: a FastAPI app that parses the same body and returns one score."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(
+        name="echo",
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": False},
+    )
+    @serve.ingress(api)
+    class Echo:
+        @api.post("/v1/score")
+        async def score(self, body: dict) -> dict:
+            return {"task": body.get("task"), "model_version": "echo", "scores": [0.5]}
+
+    return Echo.bind()
+
+
 def bare_scorer(model: str, task: str, items: list[dict], n: int, threads: int | None) -> dict:
     """The Scorer alone, one item per call, in this process: the floor under the service."""
     from serving.scorer import load_scorers
@@ -262,6 +286,7 @@ def main() -> None:
     for name, batching in apps.items():
         cfg = ServeConfig.build(**common, app_name=name, batching=batching)
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
+    serve.run(echo_app(), name="echo", route_prefix="/echo", blocking=False)
 
     info = get_json(port, "/batched/v1/tasks")
     task = args.task or sorted(info["tasks"])[0]
@@ -274,6 +299,7 @@ def main() -> None:
     phases = [(name, c) for c in (1, 16) for name in apps]
     runs: dict[tuple[str, int], list[dict]] = {p: [] for p in phases}
     bare_runs = []
+    floor_runs = []
     c16_batches = c16_items = 0
     for r in range(args.rounds):
         for name, c in phases:
@@ -295,6 +321,9 @@ def main() -> None:
                 f"{after['model_call_ms_p50']:.2f} ms",
                 flush=True,
             )
+        floor = closed_loop(port, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
+        floor_runs.append(floor)
+        print(f"round {r} serve floor     : p50={floor['p50_ms']:.2f} ms (a no-op Serve app)")
         bare = bare_scorer(model, task, items, args.requests, args.threads)
         bare_runs.append(bare)
         print(
@@ -322,6 +351,7 @@ def main() -> None:
         "batching_gain": round(med("batched", 16, "rps") / med("unbatched", 16, "rps"), 2),
         "bare_scorer_p50_ms": round(bare_p50, 2),
         "overhead_ms_c1": round(med("batched", 1, "p50_ms") - bare_p50, 2),
+        "serve_floor_p50_ms": round(statistics.median(x["p50_ms"] for x in floor_runs), 2),
         "mean_batch_items_c16": round(c16_items / max(1, c16_batches), 2),
         "max_batch_items": stats["max_batch_items"],
         "errors": sum(x["errors"] for rs in runs.values() for x in rs),

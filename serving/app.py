@@ -198,6 +198,7 @@ def load_models(cfg: ServeConfig) -> ModelSet:
         providers=cfg.providers,
         intra_op_threads=cfg.intra_op_threads,
         tracking_uri=cfg.tracking_uri,
+        spin_wait=cfg.ort_spin_wait,
     )
     if not scorers:
         raise ValueError(f"the model source {cfg.model!r} holds no task models")

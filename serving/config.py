@@ -75,6 +75,8 @@ class ServeConfig(_Section):
     replicas: model replicas (each holds every task's model). num_cpus_per_replica: Ray CPUs
         reserved per replica. intra_op_threads: ONNX Runtime threads per replica (None: the
         scorer's default). providers: "auto" (CUDA when usable, else CPU), "cpu" or "cuda".
+        ort_spin_wait: let ORT's threads spin between runs (off: the replica shares its cores
+        with Serve's HTTP proxy, and spinning took their CPU: p50 39 -> 31 ms measured).
     max_ongoing_requests: requests one replica accepts at once; must allow a full batch to form
         (>= max_batch_size * max_concurrent_batches); default twice that, so the next batch
         gathers while the current one runs.
@@ -94,6 +96,7 @@ class ServeConfig(_Section):
     replicas: int = Field(1, ge=1, le=1024)
     num_cpus_per_replica: float = Field(1.0, ge=0, le=1024)
     intra_op_threads: int | None = Field(None, ge=1, le=1024)
+    ort_spin_wait: bool = False
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     max_ongoing_requests: int | None = Field(None, ge=1, le=100_000)
     reload_interval_s: float = Field(0.0, ge=0, le=86_400)

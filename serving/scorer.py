@@ -80,15 +80,23 @@ def make_session(
     providers: str | list[str] = "auto",
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
+    spin_wait: bool = True,
 ):
     """An ORT session on the chosen providers; a CUDA session that silently lost CUDA is
-    rebuilt on CPU."""
+    rebuilt on CPU.
+
+    spin_wait: ORT's intra-op threads spin for a while after each run, waiting for the next.
+    That helps a process that owns its cores (batch scoring); where other processes share them
+    (a Serve replica beside its HTTP proxy), the spinning takes their CPU: turn it off there.
+    """
     import onnxruntime as ort
 
     def options():
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: provider fallbacks are handled here
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin_wait:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads:
             so.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads:
@@ -127,6 +135,7 @@ class Scorer:
         variant: str | None = None,
         model_version: str | None = None,
         batch_size: int = DEFAULT_BATCH,
+        spin_wait: bool = True,
     ):
         self.task_dir = Path(task_dir)
         meta_path = self.task_dir / META_FILE
@@ -150,7 +159,11 @@ class Scorer:
         self.tokenizer = PairTokenizer(self.task_dir, max_length=self.max_length)
         self._tok_lock = threading.Lock()  # the tokenizer toggles truncation per call
         self.session = make_session(
-            self.task_dir / files[self.variant], providers, intra_op_threads, inter_op_threads
+            self.task_dir / files[self.variant],
+            providers,
+            intra_op_threads,
+            inter_op_threads,
+            spin_wait,
         )
         self.providers: list[str] = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -261,6 +274,7 @@ def load_scorers(
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
     tracking_uri: str | None = None,
+    spin_wait: bool = True,
 ) -> dict[str, Scorer]:
     """`{task: Scorer}` from any model reference.
 
@@ -273,6 +287,7 @@ def load_scorers(
         "providers": providers,
         "intra_op_threads": intra_op_threads,
         "inter_op_threads": inter_op_threads,
+        "spin_wait": spin_wait,
     }
     s = str(model)
     if s.startswith(("models:/", "runs:/")):

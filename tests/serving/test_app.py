@@ -129,6 +129,7 @@ def test_config_reports_every_error_and_keeps_batches_fillable():
         model="m", host="0.0.0.0", allow_remote=True, batching={"max_batch_size": 24}
     )
     assert cfg.ongoing_requests >= 24 * cfg.batching.max_concurrent_batches
+    assert cfg.ort_spin_wait is False  # the replica shares its cores with Serve's proxy
     hosts = {"127.0.0.1": True, "127.1.2.3": True, "::1": True, "localhost": True}
     hosts.update({"10.0.0.1": False, "::": False, "0.0.0.0": False, "example.com": False})
     assert {h: is_loopback(h) for h in hosts} == hosts

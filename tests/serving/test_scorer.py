@@ -96,6 +96,12 @@ def test_attributes_and_threads(exported):
     assert (
         Scorer(out / "a", providers="cpu", model_version="adrel-a/7").model_version == "adrel-a/7"
     )
+    spin = "session.intra_op.allow_spinning"
+    quiet = Scorer(out / "a", providers="cpu", spin_wait=False)
+    assert quiet.session.get_session_options().get_session_config_entry(spin) == "0"
+    assert np.allclose(
+        quiet.logits(["red shoes"], ["red shoes"]), s.logits(["red shoes"], ["red shoes"])
+    )
 
 
 def test_provider_choice():
