@@ -60,6 +60,25 @@ def make_data(workdir: Path, rows_per_task: int, inventory_rows: int) -> dict[st
     return roots
 
 
+def _demo_run_number(retrain_dir: Path) -> int:
+    """The run to do: the last demo run again when it did not finish (it resumes), else the
+    next one (it competes with the champion the earlier runs left)."""
+    runs = {}
+    for d in retrain_dir.glob("demo-*") if retrain_dir.is_dir() else []:
+        suffix = d.name.removeprefix("demo-")
+        if suffix.isdigit():
+            runs[int(suffix)] = d
+    if not runs:
+        return 1
+    last = max(runs)
+    state = runs[last] / "state.json"
+    try:
+        finished = bool(json.loads(state.read_text()).get("finished"))
+    except (OSError, ValueError):
+        finished = False
+    return last + 1 if finished else last
+
+
 def run(args: argparse.Namespace) -> int:
     from jobs.retrain import retrain
     from pipeline.config import preset_dir
@@ -72,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if rows < 40:
         raise UserError(f"--rows-per-task must be >= 40, got {rows}")
     roots = make_data(workdir, rows, inv_rows)
-    previous = (
-        sorted((workdir / "retrain").glob("demo-*")) if (workdir / "retrain").is_dir() else []
-    )
-    n = len(previous) + 1
+    n = _demo_run_number(workdir / "retrain")
     overrides = [
         f"workdir={workdir}",
         f"data.train_root={roots['train']}",
