@@ -22,7 +22,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import statistics
 import tempfile
 import threading
@@ -125,12 +124,6 @@ def build_export(out: Path) -> Path:
             p.add_(torch.randn_like(p) * 0.02)
     ckpt = save_checkpoint(model, out / "ckpt", max_length=64)
     return export_checkpoint(ckpt, out / "export").out_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_loop(
@@ -248,7 +241,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = ap.parse_args()
 
-    from jobs.runtime import ensure_ray, set_env_defaults, shutdown_ray
+    from jobs.runtime import ensure_ray, free_loopback_port, set_env_defaults, shutdown_ray
 
     set_env_defaults()
     tmp = tempfile.TemporaryDirectory(prefix="adrel-bench-serve-")
@@ -264,7 +257,7 @@ def main() -> None:
     from serving.config import ServeConfig
 
     ensure_ray(num_cpus=args.num_cpus)
-    port = free_port()
+    port = free_loopback_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": port},
         logging_config={"enable_access_log": False},

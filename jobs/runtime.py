@@ -71,12 +71,17 @@ def ensure_ray(
     return True
 
 
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _dashboard_options(enabled: bool) -> dict:
     if not enabled:
         return {"include_dashboard": False}
-    with socket.socket() as s:  # a free loopback port (several local clusters may coexist)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_loopback_port()  # several local clusters may coexist on one machine
     return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 

@@ -23,7 +23,6 @@ Output:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -699,11 +698,9 @@ def _code_version() -> str:
 
 
 def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    from pipeline.stages import file_sha256
+
+    return file_sha256(path)[:12]
 
 
 # ---------------------------------------------------------------------------------------------

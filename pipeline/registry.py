@@ -238,13 +238,14 @@ def register_checkpoint(
     its own version even when its weights equal an earlier run's (its lineage differs).
     """
     from models.checkpoint import WEIGHTS_FILE, read_config
+    from pipeline.stages import file_sha256
 
     ckpt = Path(ckpt_dir)
     cfg = read_config(ckpt)
     client = _client(tracking_uri)
     uri = _tracking_uri(tracking_uri)
     name = mtl_model_name(prefix)
-    digest = _sha256(ckpt / WEIGHTS_FILE)
+    digest = file_sha256(ckpt / WEIGHTS_FILE)
     for mv in _search_versions(client, name):
         same = mv.run_id == run_id if run_id else mv.tags.get("adrel.checkpoint_sha256") == digest
         if same:
@@ -271,16 +272,6 @@ def register_checkpoint(
     return RegisteredVersion(name, rv.version, run_id, (CHALLENGER,))
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _search_versions(client, name: str) -> list:
     from mlflow.exceptions import MlflowException
 
@@ -291,8 +282,13 @@ def _search_versions(client, name: str) -> list:
 
 
 def _aliases_of(client, mv) -> tuple[str, ...]:
-    rm = client.get_registered_model(mv.name)
-    return tuple(sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version)))
+    return _version_aliases(client.get_registered_model(mv.name).aliases, mv.version)
+
+
+def _version_aliases(aliases: dict | None, version) -> tuple[str, ...]:
+    """The aliases (of a registered model's alias map) that point at `version`; MLflow hands
+    versions back as int or str depending on the store, so they compare as strings."""
+    return tuple(sorted(a for a, v in (aliases or {}).items() if str(v) == str(version)))
 
 
 def register_export(
@@ -525,7 +521,7 @@ def list_models(prefix: str = DEFAULT_PREFIX, tracking_uri: str | None = None) -
                 "versions": [
                     {
                         "version": str(v.version),
-                        "aliases": sorted(a for a, n in aliases.items() if n == str(v.version)),
+                        "aliases": list(_version_aliases(aliases, v.version)),
                         "run_id": v.run_id,
                         "created": time.strftime(
                             "%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000)

@@ -14,6 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _feed_file(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Full SHA-256 hex digest of one file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    _feed_file(h, Path(path))
+    return h.hexdigest()
+
+
 def hash_path(path: str | Path) -> str:
     """Content hash of a file or directory tree (names, sizes and bytes of every file)."""
     p = Path(path)
@@ -21,9 +34,7 @@ def hash_path(path: str | Path) -> str:
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     for f in files:
         h.update(str(f.relative_to(p) if f != p else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _feed_file(h, f)
     return h.hexdigest()[:20]
 
 
