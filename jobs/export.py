@@ -42,8 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--validation", help="labelled rows, ROOT/task=<name>/*.parquet (for int8)")
     p.add_argument(
         "--int8-recipe",
-        default="per_channel_matmul",
-        help="int8 quantization recipe (pipeline.export.INT8_RECIPES; default per_channel_matmul)",
+        help="int8 quantization recipe (pipeline.export.INT8_RECIPES; default: its "
+        "DEFAULT_INT8_RECIPE, per_channel_matmul)",
     )
     p.add_argument("--register", action="store_true", help="register each task in MLflow")
     p.add_argument("--prefix", default="adrel", help="registered-model name prefix")
@@ -64,7 +64,7 @@ def _tasks(value: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from jobs.runtime import tracking_uri
     from models.config import ConfigError
-    from pipeline.export import ExportConfig, ExportError, export_checkpoint
+    from pipeline.export import DEFAULT_INT8_RECIPE, ExportConfig, ExportError, export_checkpoint
     from pipeline.model_uri import ModelURIError, find_payload, resolve_model
 
     turi = tracking_uri(args.workdir, args.tracking_uri)
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             max_auc_drop=args.max_auc_drop,
             validation=args.validation,
-            int8_recipe=args.int8_recipe,
+            int8_recipe=args.int8_recipe or DEFAULT_INT8_RECIPE,
             source=str(args.model),
         )
         resolved = resolve_model(args.model, tracking_uri=turi)
