@@ -2,12 +2,15 @@
 
 One item per request, on 127.0.0.1. Two apps run side by side on one Serve instance: one with
 dynamic batching (max batch size --batch-size, wait --batch-wait-ms) and one without (max batch
-size 1). Phases are interleaved round-robin (--rounds) so both share the machine's conditions,
-and each phase is bounded by a request count and a time limit. The bare Scorer's latency for
-one item (same texts, same process type, no HTTP) is measured in the same run: the difference
-is the service's own overhead. A third app that does nothing but parse the body and return a
-constant gives Ray Serve's own floor on the machine (`serve_floor_p50_ms`): HTTP proxy, routing
-to the replica and back. Last line: one JSON object.
+size 1). Both run as `adrel serve` runs them by default, with direct ingress: each replica
+answers HTTP on a port of its own. Phases are interleaved round-robin (--rounds) so both share
+the machine's conditions, and each phase is bounded by a request count and a time limit. The
+bare Scorer's latency for one item (same texts, same process type, no HTTP) is measured in the
+same run: the difference is the service's own overhead. Side by side in the same run: the
+batched app at concurrency 1 through Serve's HTTP proxy (`p50_ms_c1_proxy`, the
+`--ingress proxy` path), and a third app that only parses the body and returns a constant,
+which gives Ray Serve's own floor on the machine, direct (`serve_floor_p50_ms`) and through
+the proxy (`serve_floor_proxy_p50_ms`). Last line: one JSON object.
 
     python benchmarks/bench_serving_load.py [--model DIR|URI] [--requests 200] [--rounds 3]
 
@@ -211,6 +214,25 @@ def echo_app():
     return Echo.bind()
 
 
+def replica_ports(candidates: range, apps: list[str], wait_s: float = 60.0) -> dict[str, int]:
+    """Which direct-ingress port each app's replica took (Serve answers GET /-/routes there)."""
+    found: dict[str, int] = {}
+    deadline = time.monotonic() + wait_s
+    while set(found) != set(apps):
+        for p in candidates:
+            try:
+                routes = get_json(p, "/-/routes")
+            except (OSError, ValueError):
+                continue
+            if not isinstance(routes, dict):  # still starting: a message, not the routes
+                continue
+            found.update({app: p for app in routes.values() if app in apps})
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replicas found on {found}, none for {set(apps) - set(found)}")
+        time.sleep(0.25)
+    return found
+
+
 def bare_scorer(model: str, task: str, items: list[dict], n: int, threads: int | None) -> dict:
     """The Scorer alone, one item per call, in this process: the floor under the service."""
     from serving.scorer import load_scorers
@@ -256,15 +278,18 @@ def main() -> None:
     from serving.app import build_app
     from serving.config import ServeConfig
 
-    ensure_ray(num_cpus=args.num_cpus)
-    port = free_loopback_port()
+    # Direct ingress: each app's replica answers on a port of its own from [base, base + 6)
+    # (3 apps, one replica each, as many spare); Serve's proxy on base + 6 reaches them all.
+    base = free_loopback_port(7)
+    ingress = ServeConfig.build(model=model, port=base, replicas=3)
+    ensure_ray(num_cpus=args.num_cpus, env=ingress.ray_env())
+    proxy = ingress.serve_proxy_port
     serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
+        http_options={"host": "127.0.0.1", "port": proxy},
         logging_config={"enable_access_log": False},
     )
     common = {
         "model": model,
-        "port": port,
         "intra_op_threads": args.threads,
         "num_cpus_per_replica": 0,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
@@ -280,6 +305,9 @@ def main() -> None:
         cfg = ServeConfig.build(**common, app_name=name, batching=batching)
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
     serve.run(echo_app(), name="echo", route_prefix="/echo", blocking=False)
+    ports = replica_ports(ingress.replica_ports, ["batched", "unbatched", "echo"])
+    print(f"direct ingress ports {ports}; Serve's proxy on {proxy}", flush=True)
+    port = ports["batched"]
 
     info = get_json(port, "/batched/v1/tasks")
     task = args.task or sorted(info["tasks"])[0]
@@ -287,18 +315,22 @@ def main() -> None:
     bodies = [json.dumps({"task": task, "items": [it]}).encode() for it in items]
 
     for name in apps:  # warm up both apps (first batches, thread pools, allocations)
-        closed_loop(port, f"/{name}/v1/score", bodies, 4, 40, 10.0)
+        closed_loop(ports[name], f"/{name}/v1/score", bodies, 4, 40, 10.0)
+    closed_loop(proxy, "/batched/v1/score", bodies, 4, 40, 10.0)
 
     phases = [(name, c) for c in (1, 16) for name in apps]
     runs: dict[tuple[str, int], list[dict]] = {p: [] for p in phases}
     bare_runs = []
     floor_runs = []
+    proxy_runs = []
+    proxy_floor_runs = []
     c16_batches = c16_items = 0
     for r in range(args.rounds):
         for name, c in phases:
-            before = get_json(port, f"/{name}/v1/stats")
-            res = closed_loop(port, f"/{name}/v1/score", bodies, c, args.requests, args.time_limit)
-            after = get_json(port, f"/{name}/v1/stats")
+            at = ports[name]
+            before = get_json(at, f"/{name}/v1/stats")
+            res = closed_loop(at, f"/{name}/v1/score", bodies, c, args.requests, args.time_limit)
+            after = get_json(at, f"/{name}/v1/stats")
             res["mean_batch"] = (after["items"] - before["items"]) / max(
                 1, after["batches"] - before["batches"]
             )
@@ -314,9 +346,13 @@ def main() -> None:
                 f"{after['model_call_ms_p50']:.2f} ms",
                 flush=True,
             )
-        floor = closed_loop(port, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
-        floor_runs.append(floor)
-        print(f"round {r} serve floor     : p50={floor['p50_ms']:.2f} ms (a no-op Serve app)")
+        via = closed_loop(proxy, "/batched/v1/score", bodies, 1, args.requests, args.time_limit)
+        proxy_runs.append(via)
+        print(f"round {r} batched c= 1 through Serve's proxy: p50={via['p50_ms']:.2f} ms")
+        for at, runs_of, what in [(ports["echo"], floor_runs, "direct"), (proxy, proxy_floor_runs, "proxy")]:  # fmt: skip
+            floor = closed_loop(at, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
+            runs_of.append(floor)
+            print(f"round {r} serve floor {what:6s}: p50={floor['p50_ms']:.2f} ms (a no-op app)")
         bare = bare_scorer(model, task, items, args.requests, args.threads)
         bare_runs.append(bare)
         print(
@@ -344,7 +380,12 @@ def main() -> None:
         "batching_gain": round(med("batched", 16, "rps") / med("unbatched", 16, "rps"), 2),
         "bare_scorer_p50_ms": round(bare_p50, 2),
         "overhead_ms_c1": round(med("batched", 1, "p50_ms") - bare_p50, 2),
+        "ingress": "direct",
+        "p50_ms_c1_proxy": round(statistics.median(x["p50_ms"] for x in proxy_runs), 2),
         "serve_floor_p50_ms": round(statistics.median(x["p50_ms"] for x in floor_runs), 2),
+        "serve_floor_proxy_p50_ms": round(
+            statistics.median(x["p50_ms"] for x in proxy_floor_runs), 2
+        ),
         "mean_batch_items_c16": round(c16_items / max(1, c16_batches), 2),
         "max_batch_items": stats["max_batch_items"],
         "errors": sum(x["errors"] for rs in runs.values() for x in rs),

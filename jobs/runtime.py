@@ -30,13 +30,20 @@ def set_env_defaults() -> None:
 
 
 def ensure_ray(
-    address: str | None = None, num_cpus: int | None = None, state_api: bool = False, **kwargs
+    address: str | None = None,
+    num_cpus: int | None = None,
+    state_api: bool = False,
+    env: dict[str, str] | None = None,
+    **kwargs,
 ):
     """Connect to `address` (or RAY_ADDRESS), else start a local cluster on 127.0.0.1.
 
     state_api: the local cluster also runs Ray's dashboard process (loopback, a free port),
     which serves the state API. Ray Train needs it: its placement-group cleaner polls the
     controller's state there, and without it warns every second for the whole run.
+    env: variables Ray's own processes read when they start (e.g. Serve's ingress settings):
+    set in this process, so that a local cluster inherits them, and in the job's runtime
+    environment.
     Returns True when this call started or connected Ray (the caller should shut it down).
     """
     import ray
@@ -44,8 +51,9 @@ def ensure_ray(
     set_env_defaults()
     if ray.is_initialized():
         return False
+    os.environ.update(env or {})
     address = address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": _worker_env()}
+    runtime_env = {"env_vars": {**_worker_env(), **(env or {})}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         return True
@@ -71,11 +79,31 @@ def ensure_ray(
     return True
 
 
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_loopback_port(n: int = 1) -> int:
+    """The first of `n` consecutive TCP ports free on 127.0.0.1 right now.
+
+    The OS picks the first from its ephemeral range, which lies outside Ray's worker port
+    range (10002-19999 by default), so servers started on these ports do not meet Ray's.
+    """
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + n > 65536:
+            continue
+        socks = []
+        try:
+            for port in range(first, first + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return first
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
 
 
 def _dashboard_options(enabled: bool) -> dict:

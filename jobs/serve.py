@@ -1,10 +1,12 @@
 """`adrel serve`: the online scoring service (Ray Serve + FastAPI) until SIGTERM/SIGINT.
 
     adrel serve --model URI [--host 127.0.0.1] [--port 8000] [--tasks a b] [--replicas N]
-                [--max-batch-size N] [--batch-wait-ms X] [--allow-remote]
+                [--max-batch-size N] [--batch-wait-ms X] [--ingress direct|proxy] [--allow-remote]
 
 Binds 127.0.0.1 unless told otherwise; a non-loopback --host also needs --allow-remote (the
-service has no authentication). On SIGTERM or SIGINT the app is deleted (in-flight requests
+service has no authentication). With the default direct ingress every replica answers HTTP
+itself, replica k on --port + k, and Serve's proxy (which spreads requests over the replicas)
+listens on --proxy-port; with --ingress proxy, Serve's proxy listens on --port. On SIGTERM or SIGINT the app is deleted (in-flight requests
 finish first) and Serve and Ray are shut down when this command started them.
 Exit codes: 0 clean shutdown, 2 bad input (configuration, model source, port in use),
 1 Ray or the service failed to start.
@@ -25,6 +27,11 @@ models:/<prefix>-<task>@<alias>, models:/adrel@champion (every adrel-<task> at t
 
 endpoints: POST /v1/score, GET /v1/tasks, GET /v1/stats, GET /healthz, POST /v1/reload,
 GET /docs (OpenAPI).
+
+ingress: "direct" (default): each replica listens itself on --port, --port+1, ... (as many
+spare ports again for restarts), no proxy hop: the low-latency path. Serve's proxy still
+runs on --proxy-port (default: right after the replica ports). "proxy": Serve's proxy on
+--port forwards every request to a replica (one address for any number of replicas).
 """
 
 
@@ -43,6 +50,24 @@ def register(subparsers) -> None:
         "--allow-remote",
         action="store_true",
         help="allow a non-loopback --host (the service has no authentication)",
+    )
+    p.add_argument(
+        "--ingress",
+        choices=("direct", "proxy"),
+        default="direct",
+        help="direct: replicas answer HTTP themselves (default); proxy: through Serve's proxy",
+    )
+    p.add_argument(
+        "--proxy-port",
+        type=int,
+        help="direct ingress: port of Serve's proxy (default: after the replica ports)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=0.0,
+        help="direct ingress: a stopping replica keeps answering this long, so that a load "
+        "balancer in front can take it out first (default 0)",
     )
     p.add_argument("--tasks", nargs="+", help="serve only these tasks (default: all)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
@@ -95,6 +120,9 @@ def build_config(args: argparse.Namespace):
         else None,
         host=args.host,
         port=args.port,
+        ingress=args.ingress,
+        proxy_port=args.proxy_port,
+        drain_s=args.drain_seconds,
         allow_remote=args.allow_remote,
         replicas=args.replicas,
         num_cpus_per_replica=args.num_cpus_per_replica,
@@ -123,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:  # our own cluster: its proxy will bind host:port
-        check_port_free(cfg.host, cfg.port)
+    if address is None:  # our own cluster: the replicas or the proxy will bind these
+        for port in {cfg.port, cfg.serve_proxy_port}:
+            check_port_free(cfg.host, port)
 
     stop = threading.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -132,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     connected = False
     try:
         try:
-            connected = ensure_ray(address=address, num_cpus=args.num_cpus)
+            connected = ensure_ray(address=address, num_cpus=args.num_cpus, env=cfg.ray_env())
         except Exception as e:  # e.g. a raylet that did not come up
             raise UserError(f"Ray did not start: {e}", exit_code=1) from None
         for s in signals:  # ray.init installs its own SIGTERM handler (it aborts): ours again
@@ -140,11 +169,18 @@ def run(args: argparse.Namespace) -> int:
         from ray import serve
 
         try:
-            url = start(cfg)
+            ends = start(cfg)
         except RuntimeError as e:
             raise UserError(f"the service failed to start: {e}", exit_code=1) from None
         tasks = ", ".join(cfg.tasks) if cfg.tasks else "every task of the source"
+        url = ends.url
         print(f"adrel serve: {tasks} from {cfg.model} at {url} (docs: {url}/docs)", flush=True)
+        if cfg.ingress == "direct":
+            print(
+                f"adrel serve: direct ingress: replicas at {', '.join(ends.replica_urls)}; "
+                f"Serve's proxy (over every replica) at {ends.proxy_url}",
+                flush=True,
+            )
         if cfg.replicas > 1 and not cfg.reload_interval_s:
             print(
                 "adrel serve: note: POST /v1/reload reloads the one replica that answers it; "

@@ -680,16 +680,76 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     ).bind(cfg.model_dump(mode="json"))
 
 
-def start(cfg: ServeConfig) -> str:
-    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its base URL.
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a started service answers.
 
-    Needs a connected Ray (jobs.runtime.ensure_ray). Blocks until every replica is up.
+    url: where to send requests (the first replica with direct ingress, else Serve's proxy).
+    proxy_url: Serve's HTTP proxy, which spreads requests over every replica.
+    replica_urls: direct ingress only: one per replica that answered its health check.
+    """
+
+    url: str
+    proxy_url: str
+    replica_urls: tuple[str, ...] = ()
+
+
+def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
+    """Start Serve's HTTP proxy, deploy the app and return where it answers.
+
+    Needs a connected Ray (jobs.runtime.ensure_ray) whose processes started with
+    cfg.ray_env() for direct ingress. Blocks until every replica is up; with direct ingress,
+    until each answers on its own port (at most wait_s; RuntimeError when none does).
     """
     check_source(cfg)
     serve.start(
-        http_options={"host": cfg.host, "port": cfg.port},
+        http_options={"host": cfg.host, "port": cfg.serve_proxy_port},
         logging_config={"enable_access_log": cfg.access_log},
     )
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    return f"http://{host}:{cfg.port}"
+    deadline = time.monotonic() + wait_s
+    proxy_url = base_url(cfg.host, cfg.serve_proxy_port)
+    while not answers(cfg.host, cfg.serve_proxy_port) and time.monotonic() < deadline:
+        time.sleep(0.25)  # the proxy learns the app's route a moment after it is up
+    if cfg.ingress == "proxy":
+        return Endpoints(proxy_url, proxy_url)
+    replicas = replica_urls(cfg, max(0.0, deadline - time.monotonic()))
+    if not replicas:
+        ports = cfg.replica_ports
+        raise RuntimeError(
+            f"no replica answers on ports {ports.start}-{ports.stop - 1}: direct ingress needs "
+            "the Ray cluster's Serve processes started with "
+            + ", ".join(f"{k}={v}" for k, v in cfg.ray_env().items())
+            + " (adrel serve sets this for a cluster it starts); or use --ingress proxy"
+        )
+    return Endpoints(replicas[0], proxy_url, tuple(replicas))
+
+
+def replica_urls(cfg: ServeConfig, wait_s: float = 60.0) -> list[str]:
+    """Base URLs of the replicas answering GET /healthz on cfg.replica_ports, lowest port
+    first; waits up to wait_s for cfg.replicas of them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [base_url(cfg.host, p) for p in cfg.replica_ports if answers(cfg.host, p)]
+        if len(found) >= cfg.replicas or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
+
+
+def answers(host: str, port: int, path: str = "/healthz") -> bool:
+    """True when GET path on host:port answers 200 (a wildcard host is asked on loopback)."""
+    import http.client
+
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    conn = http.client.HTTPConnection(host, port, timeout=2)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

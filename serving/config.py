@@ -70,8 +70,19 @@ class ServeConfig(_Section):
     tasks: serve only these tasks (default: every task the source holds).
     tracking_uri: MLflow tracking URI for `models:/` sources (replicas do not inherit the
         caller's environment, so it travels in the config).
-    host/port/allow_remote: where the HTTP proxy listens; a host other than a loopback address
+    host/port/allow_remote: where the service listens; a host other than a loopback address
         must be allowed explicitly (the service has no authentication of its own).
+    ingress: how requests reach a replica.
+        "direct" (default): every replica answers HTTP itself (Ray Serve's direct ingress), on
+            ports from `port` up: replica k on port + k, with as many spare ports again for
+            replicas that restart (`replica_ports`). No hop through Serve's proxy, which on a
+            small CPU host costs more than the model (benchmarks/bench_serving_load.py measures
+            both paths side by side). Serve's proxy still runs, on `proxy_port` (default: the first port after
+            the replica ports), and spreads requests over every replica. Several replicas
+            behind one address: an L4 load balancer over the replica ports, or the proxy.
+        "proxy": Serve's HTTP proxy listens on `port` and forwards every request to a replica.
+    drain_s: with direct ingress, how long a stopping replica keeps answering before it
+        closes, so that a load balancer in front can take it out of rotation (0: none in front).
     replicas: model replicas (each holds every task's model). num_cpus_per_replica: Ray CPUs
         reserved per replica. intra_op_threads: ONNX Runtime threads per replica (None: the
         scorer's default). providers: "auto" (CUDA when usable, else CPU), "cpu" or "cuda".
@@ -91,6 +102,9 @@ class ServeConfig(_Section):
     tracking_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    ingress: Literal["direct", "proxy"] = "direct"
+    proxy_port: int | None = Field(None, ge=1, le=65535)
+    drain_s: float = Field(0.0, ge=0, le=3600)
     allow_remote: bool = False
     app_name: str = Field("adrel", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     replicas: int = Field(1, ge=1, le=1024)
@@ -147,9 +161,51 @@ class ServeConfig(_Section):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
                 f"max_batch_size * max_concurrent_batches ({need}), or batches never fill"
             )
+        if self.ingress == "proxy" and self.proxy_port not in (None, self.port):
+            errors.append(
+                f"proxy_port ({self.proxy_port}) is for ingress 'direct'; with ingress "
+                f"'proxy' Serve's proxy listens on port ({self.port})"
+            )
+        if self.ingress == "direct":
+            last = self.port + 2 * self.replicas  # the replica ports, then the proxy's default
+            if self.proxy_port is None and last > 65535:
+                errors.append(
+                    f"port {self.port}: {self.replicas} replica(s) need ports {self.port}-"
+                    f"{last - 1} and the proxy {last}; pick a lower port"
+                )
+            elif self.proxy_port is not None and self.proxy_port in self.replica_ports:
+                errors.append(
+                    f"proxy_port {self.proxy_port} is one of the replica ports "
+                    f"{self.port}-{self.replica_ports.stop - 1}"
+                )
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+    @property
+    def replica_ports(self) -> range:
+        """Direct ingress: the ports replicas may take (one each, as many spare for restarts)."""
+        stop = min(self.port + 2 * self.replicas, 65536)
+        return range(self.port, stop) if self.ingress == "direct" else range(0)
+
+    @property
+    def serve_proxy_port(self) -> int:
+        """Where Serve's own HTTP proxy listens."""
+        if self.ingress == "proxy":
+            return self.port
+        return self.proxy_port if self.proxy_port is not None else self.replica_ports.stop
+
+    def ray_env(self) -> dict[str, str]:
+        """Environment the Ray cluster's Serve processes need for this ingress (read when they
+        start: set it before a local cluster starts; a running cluster keeps its own)."""
+        if self.ingress == "proxy":
+            return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+        return {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.replica_ports.start),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.replica_ports.stop),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": repr(float(self.drain_s)),
+        }
 
     @property
     def ongoing_requests(self) -> int:

@@ -15,19 +15,9 @@ import numpy as np
 import pytest
 
 from jobs.cli import build_parser, main
+from jobs.runtime import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port(start: int = 18000, stop: int = 19000) -> int:
-    for port in np.random.default_rng().permutation(np.arange(start, stop))[:200]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", int(port)))
-            except OSError:
-                continue
-            return int(port)
-    raise RuntimeError("no free port in 18000-19000")
 
 
 def test_refuses_a_non_loopback_host_without_allow_remote(tmp_path, capsys):
@@ -107,24 +97,29 @@ def test_busy_port_is_refused(export_dir, capsys):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir):
+@pytest.mark.parametrize("ingress", ["direct", "proxy"])
+def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir, ingress):
     from serving.scorer import load_scorers
 
-    port = free_port()
+    port = free_loopback_port(5)  # direct: 2 replicas, 2 spare ports, Serve's proxy
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "jobs", "serve", "--model", str(export_dir), "--port", str(port)]
     cmd += ["--num-cpus", "1", "--num-cpus-per-replica", "0", "--intra-op-threads", "1"]
+    cmd += ["--ingress", ingress]
+    urls = [f"http://127.0.0.1:{port}"]  # where the service answers
+    if ingress == "direct":  # each replica on its own port, and Serve's proxy over both
+        cmd += ["--replicas", "2"]
+        urls += [f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 4}"]
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            try:  # every replica and the proxy
+                if all(httpx.get(f"{u}/healthz", timeout=2).status_code == 200 for u in urls):
                     break
             except httpx.TransportError:
                 pass
@@ -133,12 +128,13 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir):
                 pytest.fail(f"service did not come up:\n{proc.communicate()[0][-4000:]}")
             time.sleep(1)
         item = {"query": "red running shoes", "ad_title": "Trail shoes", "ad_description": "light"}
-        r = httpx.post(f"{url}/v1/score", json={"task": "search", "items": [item]}, timeout=30)
-        assert r.status_code == 200, r.text
         want = load_scorers(export_dir)["search"].score(
             [item["query"]], [item["ad_title"]], [item["ad_description"]]
         )
-        np.testing.assert_allclose(r.json()["scores"], want, atol=1e-6)
+        for u in urls:
+            r = httpx.post(f"{u}/v1/score", json={"task": "search", "items": [item]}, timeout=30)
+            assert r.status_code == 200, (u, r.text)
+            np.testing.assert_allclose(r.json()["scores"], want, atol=1e-6)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -147,5 +143,9 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir):
             proc.communicate()
     assert proc.returncode == 0, out
     assert "shutting down" in out and "adrel serve: stopped" in out, out
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/healthz", timeout=2)
+    if ingress == "direct":
+        want = f"replicas at {urls[0]}, {urls[1]}; Serve's proxy (over every replica) at {urls[2]}"
+        assert want in out, out
+    for u in urls:
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{u}/healthz", timeout=2)

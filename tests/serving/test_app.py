@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import time
 import httpx
 import numpy as np
 import pytest
+
+from jobs.runtime import free_loopback_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -86,18 +87,6 @@ def derive_export(src, dst, bias_shift: float):
     return dst
 
 
-def free_port(start: int = 18000, stop: int = 19000) -> int:
-    rng = np.random.default_rng()
-    for port in rng.permutation(np.arange(start, stop))[:200]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", int(port)))
-            except OSError:
-                continue
-            return int(port)
-    raise RuntimeError("no free port in 18000-19000")
-
-
 def test_config_reports_every_error_and_keeps_batches_fillable():
     from serving.config import ServeConfig, ServeConfigError, is_loopback
 
@@ -133,6 +122,33 @@ def test_config_reports_every_error_and_keeps_batches_fillable():
     hosts = {"127.0.0.1": True, "127.1.2.3": True, "::1": True, "localhost": True}
     hosts.update({"10.0.0.1": False, "::": False, "0.0.0.0": False, "example.com": False})
     assert {h: is_loopback(h) for h in hosts} == hosts
+
+
+def test_ingress_ports_and_the_environment_serve_needs():
+    from serving.config import ServeConfig, ServeConfigError
+
+    direct = ServeConfig.build(model="m", port=9000, replicas=3)
+    assert direct.ingress == "direct"  # the default: no proxy hop
+    assert list(direct.replica_ports) == list(range(9000, 9006))  # 3 replicas + 3 spare
+    assert direct.serve_proxy_port == 9006
+    env = direct.ray_env()
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9000", "9006")  # fmt: skip
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) == 0.0
+    assert ServeConfig.build(model="m", proxy_port=8500, drain_s=5).serve_proxy_port == 8500
+    proxy = ServeConfig.build(model="m", port=9000, ingress="proxy", replicas=3)
+    assert (proxy.serve_proxy_port, list(proxy.replica_ports)) == (9000, [])
+    assert proxy.ray_env() == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    for bad, mention in [
+        ({"port": 9000, "proxy_port": 9001}, "proxy_port 9001 is one of the replica ports"),
+        ({"ingress": "proxy", "proxy_port": 9100}, "proxy_port (9100) is for ingress 'direct'"),
+        ({"port": 65534, "replicas": 2}, "port 65534: 2 replica(s) need ports 65534-65537"),
+        ({"ingress": "sideways"}, "ingress"),
+        ({"drain_s": -1}, "drain_s"),
+    ]:
+        with pytest.raises(ServeConfigError) as e:
+            ServeConfig.build(model="m", **bad)
+        assert mention in str(e.value), (bad, str(e.value))
 
 
 @pytest.fixture(scope="module")
@@ -228,35 +244,48 @@ def scorers(registry, which: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def service(_ray_owner, registry):
-    """The app on a free loopback port of the shared local Ray (conftest's `ray_local` cluster,
-    which is function-scoped: started here the same way, shut down by the session)."""
+def endpoints(_ray_owner, registry):
+    """The app with direct ingress (the default) on free loopback ports, on a local Ray of its
+    own: Serve's processes read the ingress settings when they start, so a cluster left by
+    earlier tests is shut down first. Shut down (and the environment restored) at the end."""
     import ray
     from ray import serve
 
     from jobs.runtime import ensure_ray
     from serving.app import start
-
-    if not ray.is_initialized():
-        ensure_ray(num_cpus=int(os.environ.get("ADREL_TEST_RAY_CPUS", "2")))
     from serving.config import ServeConfig
 
     cfg = ServeConfig.build(
         model="models:/adrel@champion",
         tracking_uri=registry["uri"],
-        port=free_port(),
+        port=free_loopback_port(3),  # the replica, a spare, Serve's proxy
         num_cpus_per_replica=0,
         intra_op_threads=1,
         reload_interval_s=1,
         batching={"max_batch_size": MAX_BATCH, "batch_wait_ms": 20},
         limits=LIMITS,
     )
-    url = start(cfg)
+    env = cfg.ray_env()
+    saved = {k: os.environ.get(k) for k in env}
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(num_cpus=int(os.environ.get("ADREL_TEST_RAY_CPUS", "2")), env=env)
     try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield client
+        yield cfg, start(cfg)
     finally:
         serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def service(endpoints):
+    with httpx.Client(base_url=endpoints[1].url, timeout=60) as client:
+        yield client
 
 
 def wait_for_versions(client, want: dict, timeout: float = 60) -> dict:
@@ -284,6 +313,21 @@ def test_scores_equal_the_scorers_in_item_order(service, registry):
     assert not np.allclose(a, b)
     empty = service.post("/v1/score", json={"task": "search", "items": []})
     assert empty.status_code == 200 and empty.json()["scores"] == []
+
+
+def test_replicas_answer_directly_and_through_serves_proxy(endpoints, registry):
+    cfg, ends = endpoints
+    assert ends.url == f"http://127.0.0.1:{cfg.port}"  # the one replica took the first port
+    assert ends.replica_urls == (ends.url,)
+    assert ends.proxy_url == f"http://127.0.0.1:{cfg.port + 2}" != ends.url
+    rows = items(5, seed=3)
+    ref = reference(scorers(registry, "v1")["search"], rows)
+    for url in (ends.url, ends.proxy_url):
+        r = httpx.post(f"{url}/v1/score", json={"task": "search", "items": rows}, timeout=60)
+        assert r.status_code == 200, (url, r.text)
+        np.testing.assert_allclose(r.json()["scores"], ref, atol=1e-6)
+    bad = httpx.post(f"{ends.url}/v1/score", json={"task": "nope", "items": rows}, timeout=60)
+    assert bad.status_code == 404 and "nope" in bad.json()["detail"]
 
 
 def test_tasks_health_and_docs(service, registry):
