@@ -260,6 +260,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="max batch size when batched")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0, help="batch wait (batched app)")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (replica)")
+    ap.add_argument(
+        "--spin-wait",
+        choices=("on", "off"),
+        default=None,
+        help="ORT thread spinning in the replicas (default: the service's default)",
+    )
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = ap.parse_args()
 
@@ -291,6 +297,7 @@ def main() -> None:
     common = {
         "model": model,
         "intra_op_threads": args.threads,
+        **({"ort_spin_wait": args.spin_wait == "on"} if args.spin_wait else {}),
         "num_cpus_per_replica": 0,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
     }
@@ -393,6 +400,8 @@ def main() -> None:
         "rounds": args.rounds,
         "batch_size": args.batch_size,
         "batch_wait_ms": args.batch_wait_ms,
+        "intra_op_threads": args.threads,
+        "ort_spin_wait": args.spin_wait,
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }

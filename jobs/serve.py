@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             ends = start(cfg)
-        except RuntimeError as e:
+        except Exception as e:  # Serve's own errors included: report, exit 1, shut down
             raise UserError(f"the service failed to start: {e}", exit_code=1) from None
         tasks = ", ".join(cfg.tasks) if cfg.tasks else "every task of the source"
         url = ends.url

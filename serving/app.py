@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import ray
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -702,10 +703,19 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
     until each answers on its own port (at most wait_s; RuntimeError when none does).
     """
     check_source(cfg)
-    serve.start(
-        http_options={"host": cfg.host, "port": cfg.serve_proxy_port},
-        logging_config={"enable_access_log": cfg.access_log},
-    )
+    for attempt in range(3):
+        try:
+            serve.start(
+                http_options={"host": cfg.host, "port": cfg.serve_proxy_port},
+                logging_config={"enable_access_log": cfg.access_log},
+            )
+            break
+        except ray.exceptions.ActorDiedError as e:
+            # Serve killed a proxy that was slow to report ready and starts another; the
+            # controller is up, so starting again connects to it.
+            if attempt == 2:
+                raise RuntimeError(f"Serve's HTTP proxy did not start: {e}") from None
+            logger.warning("adrel serve: Serve's proxy restarted while starting; again")
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + wait_s
     proxy_url = base_url(cfg.host, cfg.serve_proxy_port)

@@ -197,10 +197,16 @@ class ServeConfig(_Section):
 
     def ray_env(self) -> dict[str, str]:
         """Environment the Ray cluster's Serve processes need for this ingress (read when they
-        start: set it before a local cluster starts; a running cluster keeps its own)."""
+        start: set it before a local cluster starts; a running cluster keeps its own).
+
+        Also gives Serve's proxy 30 s instead of 5 to report ready: on a busy host its start
+        takes longer, and after three missed checks Serve kills it and serve.start fails.
+        """
+        common = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
         if self.ingress == "proxy":
-            return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+            return {**common, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
         return {
+            **common,
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.replica_ports.start),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.replica_ports.stop),

@@ -138,7 +138,10 @@ def test_ingress_ports_and_the_environment_serve_needs():
     assert ServeConfig.build(model="m", proxy_port=8500, drain_s=5).serve_proxy_port == 8500
     proxy = ServeConfig.build(model="m", port=9000, ingress="proxy", replicas=3)
     assert (proxy.serve_proxy_port, list(proxy.replica_ports)) == (9000, [])
-    assert proxy.ray_env() == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert proxy.ray_env()["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert not any("DIRECT_INGRESS_" in k for k in proxy.ray_env())
+    for cfg in (direct, proxy):  # a proxy slow to start on a busy host is not killed at 5 s
+        assert float(cfg.ray_env()["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) >= 30
     for bad, mention in [
         ({"port": 9000, "proxy_port": 9001}, "proxy_port 9001 is one of the replica ports"),
         ({"ingress": "proxy", "proxy_port": 9100}, "proxy_port (9100) is for ingress 'direct'"),
