@@ -6,8 +6,9 @@
 Binds 127.0.0.1 unless told otherwise; a non-loopback --host also needs --allow-remote (the
 service has no authentication). With the default direct ingress every replica answers HTTP
 itself, replica k on --port + k, and Serve's proxy (which spreads requests over the replicas)
-listens on --proxy-port; with --ingress proxy, Serve's proxy listens on --port. On SIGTERM or SIGINT the app is deleted (in-flight requests
-finish first) and Serve and Ray are shut down when this command started them.
+listens on --proxy-port; with --ingress proxy, Serve's proxy listens on --port. On SIGTERM or
+SIGINT the app is deleted (in-flight requests finish first) and Serve and Ray are shut down
+when this command started them.
 Exit codes: 0 clean shutdown, 2 bad input (configuration, model source, port in use),
 1 Ray or the service failed to start.
 """

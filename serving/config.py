@@ -76,10 +76,11 @@ class ServeConfig(_Section):
         "direct" (default): every replica answers HTTP itself (Ray Serve's direct ingress), on
             ports from `port` up: replica k on port + k, with as many spare ports again for
             replicas that restart (`replica_ports`). No hop through Serve's proxy, which on a
-            small CPU host costs more than the model (benchmarks/bench_serving_load.py measures
-            both paths side by side). Serve's proxy still runs, on `proxy_port` (default: the first port after
-            the replica ports), and spreads requests over every replica. Several replicas
-            behind one address: an L4 load balancer over the replica ports, or the proxy.
+            small CPU host costs more than the model (benchmarks/bench_serving_load.py
+            measures both paths side by side). Serve's proxy still runs, on `proxy_port`
+            (default: the first port after the replica ports), and spreads requests over
+            every replica. Several replicas behind one address: an L4 load balancer over the
+            replica ports, or the proxy.
         "proxy": Serve's HTTP proxy listens on `port` and forwards every request to a replica.
     drain_s: with direct ingress, how long a stopping replica keeps answering before it
         closes, so that a load balancer in front can take it out of rotation (0: none in front).
@@ -168,16 +169,19 @@ class ServeConfig(_Section):
                 f"'proxy' Serve's proxy listens on port ({self.port})"
             )
         if self.ingress == "direct":
-            last = self.port + 2 * self.replicas  # the replica ports, then the proxy's default
-            if self.proxy_port is None and last > 65535:
+            ports = self.replica_ports
+            default_proxy = self.proxy_port is None  # then the proxy takes ports.stop
+            if ports.stop - 1 + default_proxy > 65535:
                 errors.append(
-                    f"port {self.port}: {self.replicas} replica(s) need ports {self.port}-"
-                    f"{last - 1} and the proxy {last}; pick a lower port"
+                    f"port {self.port}: {self.replicas} replica(s) need ports {ports.start}-"
+                    f"{ports.stop - 1}"
+                    + (f" and the proxy {ports.stop}" if default_proxy else "")
+                    + "; pick a lower port"
                 )
-            elif self.proxy_port is not None and self.proxy_port in self.replica_ports:
+            elif self.proxy_port in ports:
                 errors.append(
                     f"proxy_port {self.proxy_port} is one of the replica ports "
-                    f"{self.port}-{self.replica_ports.stop - 1}"
+                    f"{ports.start}-{ports.stop - 1}"
                 )
         if errors:
             raise ValueError("\n".join(errors))
@@ -186,8 +190,11 @@ class ServeConfig(_Section):
     @property
     def replica_ports(self) -> range:
         """Direct ingress: the ports replicas may take (one each, as many spare for restarts)."""
-        stop = min(self.port + 2 * self.replicas, 65536)
-        return range(self.port, stop) if self.ingress == "direct" else range(0)
+        return (
+            range(self.port, self.port + 2 * self.replicas)
+            if self.ingress == "direct"
+            else range(0)
+        )
 
     @property
     def serve_proxy_port(self) -> int:

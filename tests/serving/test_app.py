@@ -146,6 +146,7 @@ def test_ingress_ports_and_the_environment_serve_needs():
         ({"port": 9000, "proxy_port": 9001}, "proxy_port 9001 is one of the replica ports"),
         ({"ingress": "proxy", "proxy_port": 9100}, "proxy_port (9100) is for ingress 'direct'"),
         ({"port": 65534, "replicas": 2}, "port 65534: 2 replica(s) need ports 65534-65537"),
+        ({"port": 65534, "replicas": 2, "proxy_port": 9000}, "need ports 65534-65537; pick"),
         ({"ingress": "sideways"}, "ingress"),
         ({"drain_s": -1}, "drain_s"),
     ]:
