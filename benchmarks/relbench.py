@@ -644,11 +644,18 @@ def main(argv=None) -> dict:
             prev.get("settings", {}).get("protocol") == settings["protocol"]
             and prev["settings"]["tasks"] == task_names
         ):
+            kept = prev.get("results", {})
             for r in args.variants:
-                if r in prev.get("results", {}):
+                if r in kept:
                     results[r]["per_seed"] = [
-                        s for s in prev["results"][r]["per_seed"] if s["seed"] < seeds[r]
+                        s for s in kept[r]["per_seed"] if s["seed"] < seeds[r]
                     ]
+            # Runs of variants not asked for this time stay in the file and the table.
+            results = {
+                r: results[r] if r in results else kept[r]
+                for r in RUNS
+                if r in results or (r in kept and kept[r].get("per_seed"))
+            }
             onboard_res = prev.get("onboarding")
             print(f"resuming: {sum(len(v['per_seed']) for v in results.values())} run(s) kept")
 

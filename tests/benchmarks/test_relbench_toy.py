@@ -95,5 +95,10 @@ def test_resume_keeps_finished_runs(tiny_encoder_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("resuming: 1 run(s) kept") == 1
     assert again["results"]["heads_only"]["per_seed"] == first["results"]["heads_only"]["per_seed"]
     assert len(again["results"]["lora"]["per_seed"]) == 1
+    # Resuming with fewer variants keeps the others' finished runs in the file and the table.
+    third = bench.main([*base, "--variants", "lora", "--resume"])
+    assert third["results"]["heads_only"]["per_seed"] == first["results"]["heads_only"]["per_seed"]
+    assert third["results"]["lora"]["per_seed"] == again["results"]["lora"]["per_seed"]
+    assert set(json.loads(out.read_text())["summary"]) == {"heads_only", "lora"}
     # Heads only trains two heads of hidden 32 (+ bias): nothing in the encoder.
     assert first["summary"]["heads_only"]["trainable_params"] == 2 * 33
