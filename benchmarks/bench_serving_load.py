@@ -5,8 +5,10 @@ dynamic batching (max batch size --batch-size, wait --batch-wait-ms) and one wit
 size 1). Both run as `adrel serve` runs them by default, with direct ingress: each replica
 answers HTTP on a port of its own. Phases are interleaved round-robin (--rounds) so both share
 the machine's conditions, and each phase is bounded by a request count and a time limit. The
-bare Scorer's latency for one item (same texts, same process type, no HTTP) is measured in the
-same run: the difference is the service's own overhead. Side by side in the same run: the
+bare Scorer's latency for one item (same texts, the replicas' ORT settings, no HTTP) is
+measured in the same run: the difference is the service's own overhead. So is the bare
+Scorer's throughput in full batches, the most any load could get from the model on this
+machine (`c16_model_bound_ms`: the mean latency of 16 closed-loop clients at that rate). Side by side in the same run: the
 batched app at concurrency 1 through Serve's HTTP proxy (`p50_ms_c1_proxy`, the
 `--ingress proxy` path), and a third app that only parses the body and returns a constant,
 which gives Ray Serve's own floor on the machine, direct (`serve_floor_p50_ms`) and through
@@ -233,21 +235,33 @@ def replica_ports(candidates: range, apps: list[str], wait_s: float = 60.0) -> d
     return found
 
 
-def bare_scorer(model: str, task: str, items: list[dict], n: int, threads: int | None) -> dict:
-    """The Scorer alone, one item per call, in this process: the floor under the service."""
+def bare_scorer(
+    model: str, task: str, items: list[dict], n: int, threads: int | None, spin: bool, rows: int = 1
+) -> dict:
+    """The Scorer alone, `rows` items per call, in this process, with the ORT settings the
+    replicas use (threads, spinning): the floor under the service. Adds items/s."""
     from serving.scorer import load_scorers
 
-    scorer = load_scorers(model, tasks=[task], intra_op_threads=threads)[task]
-    for it in items[:5]:
-        scorer.score([it["query"]], [it["ad_title"]], [it["ad_description"]])
+    scorer = load_scorers(model, tasks=[task], intra_op_threads=threads, spin_wait=spin)[task]
+
+    def call(i: int) -> None:
+        its = [items[(i * rows + k) % len(items)] for k in range(rows)]
+        scorer.score(
+            [x["query"] for x in its],
+            [x["ad_title"] for x in its],
+            [x["ad_description"] for x in its],
+        )
+
+    for i in range(5):
+        call(i)
     lat = []
     t_start = time.perf_counter()
     for i in range(n):
-        it = items[i % len(items)]
         t0 = time.perf_counter()
-        scorer.score([it["query"]], [it["ad_title"]], [it["ad_description"]])
+        call(i)
         lat.append(time.perf_counter() - t0)
-    return summarize(lat, time.perf_counter() - t_start)
+    wall = time.perf_counter() - t_start
+    return {**summarize(lat, wall), "items_per_s": n * rows / wall}
 
 
 def main() -> None:
@@ -265,6 +279,12 @@ def main() -> None:
         choices=("on", "off"),
         default=None,
         help="ORT thread spinning in the replicas (default: the service's default)",
+    )
+    ap.add_argument(
+        "--concurrent-batches",
+        type=int,
+        default=None,
+        help="model calls a replica runs at once (default: the service's default)",
     )
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = ap.parse_args()
@@ -301,15 +321,18 @@ def main() -> None:
         "num_cpus_per_replica": 0,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
     }
+    slots = {} if args.concurrent_batches is None else {"max_concurrent_batches": args.concurrent_batches}  # fmt: skip
     apps = {
         "batched": {
             "max_batch_size": args.batch_size,
             "batch_wait_ms": args.batch_wait_ms,
+            **slots,
         },
-        "unbatched": {"max_batch_size": 1, "batch_wait_ms": 0.0},
+        "unbatched": {"max_batch_size": 1, "batch_wait_ms": 0.0, **slots},
     }
     for name, batching in apps.items():
         cfg = ServeConfig.build(**common, app_name=name, batching=batching)
+        spin = cfg.ort_spin_wait  # the bare Scorer runs as the replicas do
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
     serve.run(echo_app(), name="echo", route_prefix="/echo", blocking=False)
     ports = replica_ports(ingress.replica_ports, ["batched", "unbatched", "echo"])
@@ -328,6 +351,7 @@ def main() -> None:
     phases = [(name, c) for c in (1, 16) for name in apps]
     runs: dict[tuple[str, int], list[dict]] = {p: [] for p in phases}
     bare_runs = []
+    capacity_runs = []
     floor_runs = []
     proxy_runs = []
     proxy_floor_runs = []
@@ -360,10 +384,13 @@ def main() -> None:
             floor = closed_loop(at, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
             runs_of.append(floor)
             print(f"round {r} serve floor {what:6s}: p50={floor['p50_ms']:.2f} ms (a no-op app)")
-        bare = bare_scorer(model, task, items, args.requests, args.threads)
+        bare = bare_scorer(model, task, items, args.requests, args.threads, spin)
         bare_runs.append(bare)
+        full = bare_scorer(model, task, items, 30, args.threads, spin, rows=args.batch_size)
+        capacity_runs.append(full["items_per_s"])
         print(
-            f"round {r} bare scorer     : p50={bare['p50_ms']:.2f} ms p99={bare['p99_ms']:.2f} ms"
+            f"round {r} bare scorer     : p50={bare['p50_ms']:.2f} ms p99={bare['p99_ms']:.2f} ms;"
+            f" {args.batch_size} items per call: {full['items_per_s']:.0f} items/s"
         )
 
     stats = get_json(port, "/batched/v1/stats")
@@ -387,6 +414,10 @@ def main() -> None:
         "batching_gain": round(med("batched", 16, "rps") / med("unbatched", 16, "rps"), 2),
         "bare_scorer_p50_ms": round(bare_p50, 2),
         "overhead_ms_c1": round(med("batched", 1, "p50_ms") - bare_p50, 2),
+        # The model alone, flat out in full batches, in this process: what 16 closed-loop
+        # clients could get at best, and the mean latency that implies (16 / items/s).
+        "bare_scorer_items_per_s": round(statistics.median(capacity_runs), 1),
+        "c16_model_bound_ms": round(16_000 / statistics.median(capacity_runs), 1),
         "ingress": "direct",
         "p50_ms_c1_proxy": round(statistics.median(x["p50_ms"] for x in proxy_runs), 2),
         "serve_floor_p50_ms": round(statistics.median(x["p50_ms"] for x in floor_runs), 2),
@@ -401,6 +432,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "batch_wait_ms": args.batch_wait_ms,
         "intra_op_threads": args.threads,
+        "max_concurrent_batches": args.concurrent_batches,
         "ort_spin_wait": args.spin_wait,
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),

@@ -135,6 +135,13 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir, ingress):
             r = httpx.post(f"{u}/v1/score", json={"task": "search", "items": [item]}, timeout=30)
             assert r.status_code == 200, (u, r.text)
             np.testing.assert_allclose(r.json()["scores"], want, atol=1e-6)
+        # One request at a time: each found its replica idle and skipped the batch queue
+        # (the default batch wait is 0), one model call each.
+        replicas = urls[:2] if ingress == "direct" else urls[:1]
+        stats = [httpx.get(f"{u}/v1/stats", timeout=10).json() for u in replicas]
+        assert len({s["replica"] for s in stats}) == len(replicas)
+        assert sum(s["idle_requests"] for s in stats) == len(urls), stats
+        assert sum(s["batches"] for s in stats) == sum(s["requests"] for s in stats) == len(urls)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:

@@ -396,6 +396,8 @@ def test_concurrent_requests_are_batched(service, registry):
     assert max(k for k, v in new.items() if v > 0) > 1, new  # several requests in one model call
     assert max(new) <= MAX_BATCH
     assert after["batches"] - before["batches"] < len(rows)
+    # This app waits batch_wait_ms for more requests: no request skips the batch queue.
+    assert after["idle_requests"] == before["idle_requests"] == 0
 
 
 def test_reload_swaps_the_champion_without_dropping_requests(service, registry):

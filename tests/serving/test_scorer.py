@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from features.tokenize import PairTokenizer
-from serving.scorer import CPU, Scorer, ScorerError, choose_providers, cuda_usable, load_scorers
+from serving.scorer import (
+    CPU,
+    Scorer,
+    ScorerError,
+    choose_providers,
+    cuda_usable,
+    length_groups,
+    load_scorers,
+)
 from tests.pipeline.test_export import MAX_LEN, TASKS, shared_export, text_rows, torch_logits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,14 +65,54 @@ def test_scores_match_the_unmerged_model_in_any_batching(exported):
     ckpt, out = exported
     rows = text_rows(37, seed=7)
     ref = torch_logits(ckpt, "b", rows)
-    for batch_size in (1, 8, 64):
-        s = Scorer(out / "b", providers="cpu", batch_size=batch_size)
+    # One call per row, calls split by length, one call per batch_size rows.
+    for batch_size, cost in [(1, 16.0), (8, 0.0), (8, 16.0), (64, 16.0), (64, 1e9)]:
+        s = Scorer(out / "b", providers="cpu", batch_size=batch_size, call_cost_tokens=cost)
         got = s.logits(rows["query"], rows["ad_title"], rows["ad_description"])
         assert got.dtype == np.float32 and got.shape == (37,)
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     probs = s.score(rows["query"], rows["ad_title"], rows["ad_description"])
     assert probs.dtype == np.float32 and ((probs > 0) & (probs < 1)).all()
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-got.astype(np.float64))), atol=1e-6)
+
+
+def _split_cost(lengths, groups, call_cost):
+    return sum(call_cost + (hi - lo) * lengths[hi - 1] for lo, hi in groups)
+
+
+def test_length_groups_is_the_cheapest_split():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 9))
+        lengths = np.sort(rng.integers(1, 60, n))
+        max_rows = int(rng.integers(1, 6))
+        cost = float(rng.choice([0.0, 5.0, 16.0, 100.0]))
+        groups = length_groups(lengths, max_rows, cost)
+        # The groups cover every row once, in order, none longer than max_rows.
+        assert groups[0][0] == 0 and groups[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        assert all(0 < hi - lo <= max_rows for lo, hi in groups)
+        # No other contiguous split is cheaper (all 2^(n-1) of them, checked by brute force).
+        best = min(
+            _split_cost(lengths, split, cost)
+            for mask in range(2 ** (n - 1))
+            for split in [_cuts(n, mask)]
+            if all(hi - lo <= max_rows for lo, hi in split)
+        )
+        assert _split_cost(lengths, groups, cost) == pytest.approx(best)
+    # Short and long rows apart when padding costs more than a call; together when not.
+    assert length_groups(np.array([5, 6, 7, 60, 62]), 64, 16.0) == [(0, 3), (3, 5)]
+    assert length_groups(np.array([5, 6, 7, 60, 62]), 64, 1e9) == [(0, 5)]
+    assert length_groups(np.array([20, 20, 20, 20]), 3, 16.0) in (
+        [(0, 3), (3, 4)],
+        [(0, 1), (1, 4)],
+    )
+    assert length_groups(np.array([], dtype=np.int64), 8, 16.0) == []
+
+
+def _cuts(n, mask):
+    bounds = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+    return list(zip(bounds, bounds[1:]))
 
 
 def test_score_tokens_on_pretokenised_fixed_width_batches(exported):
@@ -145,3 +193,5 @@ def test_bad_calls_name_the_problem(exported):
         Scorer(out / "a", variant="int8")
     with pytest.raises(ScorerError, match="no meta.json"):
         Scorer(out)
+    with pytest.raises(ScorerError, match="call_cost_tokens must be >= 0, got -1"):
+        Scorer(out / "a", providers="cpu", call_cost_tokens=-1)
