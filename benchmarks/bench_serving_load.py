@@ -236,30 +236,40 @@ def replica_ports(candidates: range, apps: list[str], wait_s: float = 60.0) -> d
 
 
 def bare_scorer(
-    model: str, task: str, items: list[dict], n: int, threads: int | None, spin: bool, rows: int = 1
+    model: str,
+    task: str,
+    items: list[dict],
+    n: int,
+    threads: int,
+    spin: bool,
+    rows: int = 1,
+    callers: int = 1,
 ) -> dict:
-    """The Scorer alone, `rows` items per call, in this process, with the ORT settings the
-    replicas use (threads, spinning): the floor under the service. Adds items/s."""
+    """The Scorer alone in this process, with the ORT settings the replicas use (threads,
+    spinning): `callers` threads (a replica's model slots) each make n / callers calls of
+    `rows` items. One caller, one row: the floor under the service's latency. Several
+    callers with full batches: the most the model gives on this machine (items/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from serving.scorer import load_scorers
 
     scorer = load_scorers(model, tasks=[task], intra_op_threads=threads, spin_wait=spin)[task]
 
-    def call(i: int) -> None:
+    def call(i: int) -> float:
         its = [items[(i * rows + k) % len(items)] for k in range(rows)]
+        t0 = time.perf_counter()
         scorer.score(
             [x["query"] for x in its],
             [x["ad_title"] for x in its],
             [x["ad_description"] for x in its],
         )
+        return time.perf_counter() - t0
 
     for i in range(5):
         call(i)
-    lat = []
     t_start = time.perf_counter()
-    for i in range(n):
-        t0 = time.perf_counter()
-        call(i)
-        lat.append(time.perf_counter() - t0)
+    with ThreadPoolExecutor(callers) as pool:
+        lat = list(pool.map(call, range(n)))
     wall = time.perf_counter() - t_start
     return {**summarize(lat, wall), "items_per_s": n * rows / wall}
 
@@ -332,7 +342,12 @@ def main() -> None:
     }
     for name, batching in apps.items():
         cfg = ServeConfig.build(**common, app_name=name, batching=batching)
-        spin = cfg.ort_spin_wait  # the bare Scorer runs as the replicas do
+        # The bare Scorer runs as the replicas do.
+        spin, threads, slots = (
+            cfg.ort_spin_wait,
+            cfg.ort_threads(),
+            cfg.batching.max_concurrent_batches,
+        )
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
     serve.run(echo_app(), name="echo", route_prefix="/echo", blocking=False)
     ports = replica_ports(ingress.replica_ports, ["batched", "unbatched", "echo"])
@@ -384,13 +399,14 @@ def main() -> None:
             floor = closed_loop(at, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
             runs_of.append(floor)
             print(f"round {r} serve floor {what:6s}: p50={floor['p50_ms']:.2f} ms (a no-op app)")
-        bare = bare_scorer(model, task, items, args.requests, args.threads, spin)
+        bare = bare_scorer(model, task, items, args.requests, threads, spin)
         bare_runs.append(bare)
-        full = bare_scorer(model, task, items, 30, args.threads, spin, rows=args.batch_size)
+        full = bare_scorer(model, task, items, 32, threads, spin, args.batch_size, slots)
         capacity_runs.append(full["items_per_s"])
         print(
             f"round {r} bare scorer     : p50={bare['p50_ms']:.2f} ms p99={bare['p99_ms']:.2f} ms;"
-            f" {args.batch_size} items per call: {full['items_per_s']:.0f} items/s"
+            f" {args.batch_size} items per call from {slots} caller(s):"
+            f" {full['items_per_s']:.0f} items/s"
         )
 
     stats = get_json(port, "/batched/v1/stats")
@@ -431,8 +447,8 @@ def main() -> None:
         "rounds": args.rounds,
         "batch_size": args.batch_size,
         "batch_wait_ms": args.batch_wait_ms,
-        "intra_op_threads": args.threads,
-        "max_concurrent_batches": args.concurrent_batches,
+        "intra_op_threads": threads,
+        "max_concurrent_batches": slots,
         "ort_spin_wait": args.spin_wait,
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),

@@ -80,7 +80,12 @@ def register(subparsers) -> None:
         help="wait for more requests before a model call (default 0: requests that arrive "
         "while the model is busy are batched anyway)",
     )
-    p.add_argument("--max-concurrent-batches", type=int, default=1, help="batches run at once")
+    p.add_argument(
+        "--max-concurrent-batches",
+        type=int,
+        default=2,
+        help="model calls a replica runs at once (default 2; the cores are split between them)",
+    )
     p.add_argument(
         "--max-ongoing-requests",
         type=int,
@@ -97,7 +102,11 @@ def register(subparsers) -> None:
         metavar="SECONDS",
         help="check the model source this often and swap in a new version (0: off)",
     )
-    p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per replica")
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        help="ONNX Runtime threads per model call (default: the cores / --max-concurrent-batches)",
+    )
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: env, else workdir)")

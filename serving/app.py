@@ -197,7 +197,7 @@ def load_models(cfg: ServeConfig) -> ModelSet:
         cfg.model,
         tasks=cfg.tasks,
         providers=cfg.providers,
-        intra_op_threads=cfg.intra_op_threads,
+        intra_op_threads=cfg.ort_threads(),
         tracking_uri=cfg.tracking_uri,
         spin_wait=cfg.ort_spin_wait,
     )

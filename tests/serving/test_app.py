@@ -124,6 +124,18 @@ def test_config_reports_every_error_and_keeps_batches_fillable():
     assert {h: is_loopback(h) for h in hosts} == hosts
 
 
+def test_ort_threads_split_the_cores_between_model_slots():
+    from serving.config import ServeConfig
+
+    cfg = ServeConfig.build(model="m")
+    assert cfg.batching.max_concurrent_batches == 2
+    assert [cfg.ort_threads(cores=c) for c in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    one_slot = ServeConfig.build(model="m", batching={"max_concurrent_batches": 1})
+    assert one_slot.ort_threads(cores=2) == 2
+    assert ServeConfig.build(model="m", intra_op_threads=3).ort_threads(cores=16) == 3
+    assert 1 <= cfg.ort_threads() <= (os.cpu_count() or 1)
+
+
 def test_ingress_ports_and_the_environment_serve_needs():
     from serving.config import ServeConfig, ServeConfigError
 
@@ -210,6 +222,12 @@ def test_directory_source_and_a_runtime_without_torch(export_v1):
     cfg = ServeConfig.build(model=str(export_v1))
     versions = source_state(cfg)
     assert set(versions) == set(TASKS)
+    # The replica's sessions get the cores split between its model slots.
+    from serving.app import load_models
+
+    for scorer in load_models(cfg).scorers.values():
+        opts = scorer.session.get_session_options()
+        assert opts.intra_op_num_threads == cfg.ort_threads() >= 1
     with pytest.raises(ValueError, match=r"no model for task\(s\) \['nope'\]"):
         check_source(ServeConfig.build(model=str(export_v1), tasks=["search", "nope"]))
     with pytest.raises(ValueError, match="no such directory"):
