@@ -9,7 +9,9 @@
     GET  /docs, /openapi.json
 
 Concurrent requests are gathered by `@serve.batch`; batches that wait for a busy model are
-merged into its next call (at most max_batch_size items, one ORT run per task). A replica
+merged into its next call (at most max_batch_size items, one ORT run per task). A request
+that finds the replica idle (nothing waiting, a model slot free, no batch wait configured)
+is scored at once, past Serve's batch queue. A replica
 holds one `ModelSet` (a Scorer per task); a reload builds the new set beside it and swaps the
 reference, so requests already admitted finish on the models they started with.
 The replica runs merged ONNX graphs through serving.scorer only: no torch, no models/.
