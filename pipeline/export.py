@@ -501,16 +501,22 @@ def load_validation(root: str | Path, task: str, max_rows: int) -> dict:
 
 
 def validation_logits(sess, tokenizer_dir: Path, max_length: int, rows: dict, batch: int = 64):
-    """ORT logits (N,) of validation rows, batched in length order (little padding)."""
+    """ORT logits (N,) of validation rows, in the calls the Scorer makes for them: length
+    order, split into `length_groups` of at most `batch` rows. Dynamic int8 quantises each
+    call's activations with that call's range, so only the same calls give the Scorer's
+    numbers."""
     from features.tokenize import PairTokenizer, trim_batch
+    from serving.scorer import CALL_COST_TOKENS, CPU, length_groups
 
     enc = PairTokenizer(tokenizer_dir, max_length=max_length).encode(
         rows["query"], rows["ad_title"], rows["ad_description"]
     )
-    order = np.argsort(enc["attention_mask"].sum(1), kind="stable")
+    lengths = enc["attention_mask"].sum(1)
+    order = np.argsort(lengths, kind="stable")
+    cost = CALL_COST_TOKENS.get(sess.get_providers()[0], CALL_COST_TOKENS[CPU])
     out = np.empty(len(order), dtype=np.float32)
-    for lo in range(0, len(order), batch):
-        idx = order[lo : lo + batch]
+    for lo, hi in length_groups(lengths[order], batch, cost):
+        idx = order[lo:hi]
         out[idx] = run_session(sess, trim_batch({k: v[idx] for k, v in enc.items()}))
     return out
 
