@@ -8,7 +8,8 @@ the machine's conditions, and each phase is bounded by a request count and a tim
 bare Scorer's latency for one item (same texts, the replicas' ORT settings, no HTTP) is
 measured in the same run: the difference is the service's own overhead. So is the bare
 Scorer's throughput in full batches, the most any load could get from the model on this
-machine (`c16_model_bound_ms`: the mean latency of 16 closed-loop clients at that rate). Side by side in the same run: the
+machine (`c16_model_bound_ms`: the mean latency of 16 closed-loop clients at that rate).
+Side by side in the same run: the
 batched app at concurrency 1 through Serve's HTTP proxy (`p50_ms_c1_proxy`, the
 `--ingress proxy` path), and a third app that only parses the body and returns a constant,
 which gives Ray Serve's own floor on the machine, direct (`serve_floor_p50_ms`) and through
@@ -235,25 +236,12 @@ def replica_ports(candidates: range, apps: list[str], wait_s: float = 60.0) -> d
     return found
 
 
-def bare_scorer(
-    model: str,
-    task: str,
-    items: list[dict],
-    n: int,
-    threads: int,
-    spin: bool,
-    rows: int = 1,
-    callers: int = 1,
-) -> dict:
-    """The Scorer alone in this process, with the ORT settings the replicas use (threads,
-    spinning): `callers` threads (a replica's model slots) each make n / callers calls of
-    `rows` items. One caller, one row: the floor under the service's latency. Several
-    callers with full batches: the most the model gives on this machine (items/s)."""
+def bare_scorer(scorer, items: list[dict], n: int, rows: int = 1, callers: int = 1) -> dict:
+    """The Scorer alone in this process (built with the ORT settings the replicas use):
+    `callers` threads (a replica's model slots) share n calls of `rows` items. One caller,
+    one row: the floor under the service's latency. Several callers with full batches: the
+    most the model gives on this machine (items/s)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from serving.scorer import load_scorers
-
-    scorer = load_scorers(model, tasks=[task], intra_op_threads=threads, spin_wait=spin)[task]
 
     def call(i: int) -> float:
         its = [items[(i * rows + k) % len(items)] for k in range(rows)]
@@ -331,31 +319,31 @@ def main() -> None:
         "num_cpus_per_replica": 0,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
     }
-    slots = {} if args.concurrent_batches is None else {"max_concurrent_batches": args.concurrent_batches}  # fmt: skip
+    slot_option = {} if args.concurrent_batches is None else {"max_concurrent_batches": args.concurrent_batches}  # fmt: skip
     apps = {
         "batched": {
             "max_batch_size": args.batch_size,
             "batch_wait_ms": args.batch_wait_ms,
-            **slots,
+            **slot_option,
         },
-        "unbatched": {"max_batch_size": 1, "batch_wait_ms": 0.0, **slots},
+        "unbatched": {"max_batch_size": 1, "batch_wait_ms": 0.0, **slot_option},
     }
     for name, batching in apps.items():
         cfg = ServeConfig.build(**common, app_name=name, batching=batching)
-        # The bare Scorer runs as the replicas do.
-        spin, threads, slots = (
-            cfg.ort_spin_wait,
-            cfg.ort_threads(),
-            cfg.batching.max_concurrent_batches,
-        )
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
     serve.run(echo_app(), name="echo", route_prefix="/echo", blocking=False)
+    # The bare Scorer runs as the replicas do (both apps share these settings).
+    from serving.scorer import load_scorers
+
+    threads, slots = cfg.ort_threads(), cfg.batching.max_concurrent_batches
+    spin = cfg.ort_spin_wait
     ports = replica_ports(ingress.replica_ports, ["batched", "unbatched", "echo"])
     print(f"direct ingress ports {ports}; Serve's proxy on {proxy}", flush=True)
     port = ports["batched"]
 
     info = get_json(port, "/batched/v1/tasks")
     task = args.task or sorted(info["tasks"])[0]
+    bare_model = load_scorers(model, tasks=[task], intra_op_threads=threads, spin_wait=spin)[task]
     items = make_items(512)
     bodies = [json.dumps({"task": task, "items": [it]}).encode() for it in items]
 
@@ -399,9 +387,9 @@ def main() -> None:
             floor = closed_loop(at, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
             runs_of.append(floor)
             print(f"round {r} serve floor {what:6s}: p50={floor['p50_ms']:.2f} ms (a no-op app)")
-        bare = bare_scorer(model, task, items, args.requests, threads, spin)
+        bare = bare_scorer(bare_model, items, args.requests)
         bare_runs.append(bare)
-        full = bare_scorer(model, task, items, 32, threads, spin, args.batch_size, slots)
+        full = bare_scorer(bare_model, items, 32, args.batch_size, slots)
         capacity_runs.append(full["items_per_s"])
         print(
             f"round {r} bare scorer     : p50={bare['p50_ms']:.2f} ms p99={bare['p99_ms']:.2f} ms;"

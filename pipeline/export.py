@@ -506,17 +506,14 @@ def validation_logits(sess, tokenizer_dir: Path, max_length: int, rows: dict, ba
     call's activations with that call's range, so only the same calls give the Scorer's
     numbers."""
     from features.tokenize import PairTokenizer, trim_batch
-    from serving.scorer import CALL_COST_TOKENS, CPU, length_groups
+    from serving.scorer import CALL_COST_TOKENS, CPU, call_rows
 
     enc = PairTokenizer(tokenizer_dir, max_length=max_length).encode(
         rows["query"], rows["ad_title"], rows["ad_description"]
     )
-    lengths = enc["attention_mask"].sum(1)
-    order = np.argsort(lengths, kind="stable")
     cost = CALL_COST_TOKENS.get(sess.get_providers()[0], CALL_COST_TOKENS[CPU])
-    out = np.empty(len(order), dtype=np.float32)
-    for lo, hi in length_groups(lengths[order], batch, cost):
-        idx = order[lo:hi]
+    out = np.empty(len(enc["input_ids"]), dtype=np.float32)
+    for idx in call_rows(enc["attention_mask"].sum(1), batch, cost):
         out[idx] = run_session(sess, trim_batch({k: v[idx] for k, v in enc.items()}))
     return out
 

@@ -33,7 +33,7 @@ DEFAULT_BATCH = 64
 # cores: one 26-token row costs ~7.4 ms, a token in a batch ~0.19 ms, so ~13 tokens fixed.
 # 16 rows of 10–45 tokens: 77–90 ms in ~3 calls at 16, 94–95 ms as one call, 98–110 ms
 # as one call per row.
-CALL_COST_TOKENS = {"CPUExecutionProvider": 16.0, "CUDAExecutionProvider": 1024.0}
+CALL_COST_TOKENS = {CPU: 16.0, CUDA: 1024.0}
 
 
 class ScorerError(ValueError):
@@ -209,11 +209,9 @@ class Scorer:
         if not queries:
             return np.zeros(0, dtype=np.float32)
         enc = self.encode(queries, titles, descriptions)
-        lengths = enc["attention_mask"].sum(1)
-        order = np.argsort(lengths, kind="stable")
         out = np.empty(len(queries), dtype=np.float32)
-        for lo, hi in length_groups(lengths[order], self.batch_size, self.call_cost_tokens):
-            idx = order[lo:hi]
+        lengths = enc["attention_mask"].sum(1)
+        for idx in call_rows(lengths, self.batch_size, self.call_cost_tokens):
             out[idx] = self.score_tokens(**{k: v[idx] for k, v in enc.items()})
         return out
 
@@ -271,6 +269,14 @@ class Scorer:
                 f"rows of {width} tokens exceed the model's {self.max_positions} positions"
             )
         return out
+
+
+def call_rows(lengths: np.ndarray, max_rows: int, call_cost: float) -> list[np.ndarray]:
+    """Row indices of each model call for rows of these token lengths: length order, split
+    by `length_groups`. The export's int8 validation uses the same calls (dynamic int8
+    depends on what shares a call)."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[lo:hi] for lo, hi in length_groups(lengths[order], max_rows, call_cost)]
 
 
 def length_groups(lengths: np.ndarray, max_rows: int, call_cost: float) -> list[tuple[int, int]]:
