@@ -213,6 +213,7 @@ def train_run(proto, data_dir, spec, task_names, train, dev, seed, log):
             "step_s": sum(v for k, v in loop.timing.items() if k.endswith("_s"))
             / max(1, loop.timing["steps"]),
             **param_counts(model),
+            **task_spread(model),
         },
     )
 
@@ -249,6 +250,39 @@ def predict(model, arrays: dict, batch_size: int = 128) -> np.ndarray:
                 t["token_type_ids"],
             )
             out[idx] = torch.sigmoid(logits.float()).numpy()
+    return out
+
+
+SPREAD_KEYS = ("mix_max_dev", "lambda_mean_dev", "lambda_max_dev")
+
+
+def task_spread(model) -> dict:
+    """How far the task-specific parts moved from their init, over every adapted layer.
+
+    `mix_max_dev`: the largest |m_{t,i} - 1/n| of the per-task mixing weights (MTL-LoRA's
+    softmax(w_t / tau), MoELoRA's gate); near 0 means every task still uses the same blend of
+    the shared modules. `lambda_mean_dev` / `lambda_max_dev`: mean and largest |lambda_t - 1|
+    of MTL-LoRA's diagonal Λ_t. Empty for variants without such parts.
+    """
+    import torch
+
+    mix, lam = [], []
+    with torch.no_grad():
+        for m in model.modules():
+            weights = getattr(m, "mixing", None) or getattr(m, "gates", None)
+            if callable(weights):
+                w = weights().float()
+                mix.append((w - 1.0 / w.shape[-1]).abs().max().item())
+            p = getattr(m, "lora_lambda", None)
+            if isinstance(p, torch.Tensor) and p.dim() == 2:  # diagonal Λ: (T, r)
+                lam.append((p.float() - 1.0).abs().flatten())
+    out = {}
+    if mix:
+        out["mix_max_dev"] = float(max(mix))
+    if lam:
+        d = torch.cat(lam)
+        out["lambda_mean_dev"] = float(d.mean())
+        out["lambda_max_dev"] = float(d.max())
     return out
 
 
@@ -527,6 +561,7 @@ def log_mlflow(
                 "macro_pr_auc": seed_res["macro_pr_auc"],
                 "trainable_params": seed_res["trainable_params"],
                 "step_s": seed_res["step_s"],
+                **{k: seed_res[k] for k in SPREAD_KEYS if k in seed_res},
             }
             for t, m in seed_res["per_task"].items():
                 metrics[f"roc_auc.{t}"] = m["roc_auc"]
@@ -563,6 +598,12 @@ def parse_args(argv):
         type=int,
         default=None,
         help="seeds per run (default: the protocol's, 3 for mtl_lora/lora, else 1)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per pair (overrides the protocol's 128)",
     )
     p.add_argument(
         "--max-rows",
@@ -602,6 +643,8 @@ def main(argv=None) -> dict:
     proto = PROTOCOLS[args.protocol]
     if args.max_rows is not None:
         proto = replace(proto, max_train_rows=args.max_rows, max_dev_rows=args.max_rows)
+    if args.max_length is not None:
+        proto = replace(proto, max_length=args.max_length)
     if args.encoder:
         proto = replace(proto, encoder=args.encoder)
     if args.onboard_task:
@@ -686,7 +729,8 @@ def main(argv=None) -> dict:
         )
         print(
             f"== {r} seed {seed}: macro ROC-AUC {macro(per_task, 'roc_auc'):.4f} "
-            f"({cost['train_s']:.0f} s, {cost['step_s']:.2f} s/step)",
+            f"({cost['train_s']:.0f} s, {cost['step_s']:.2f} s/step)"
+            + "".join(f", {k} {cost[k]:.4f}" for k in SPREAD_KEYS if k in cost),
             flush=True,
         )
         save()

@@ -41,6 +41,7 @@ def test_cpu_protocol_at_toy_size(tiny_encoder_dir, tmp_path, mlflow_uri, capsys
     argv = ["--protocol", "cpu", "--encoder", str(tiny_encoder_dir), "--data", str(DATA)]
     argv += ["--tasks", "rte", "mrpc", "--variants", "mtl_lora", "lora_task_prefix"]
     argv += ["--seeds", "2", "--max-rows", "24", "--n-boot", "20", "--onboard-task", "rte"]
+    argv += ["--max-length", "48"]
     argv += ["--out", str(out), "--workdir", str(tmp_path), "--threads", "1", "--quiet"]
     full = bench.main(argv)
 
@@ -48,6 +49,7 @@ def test_cpu_protocol_at_toy_size(tiny_encoder_dir, tmp_path, mlflow_uri, capsys
     assert set(last["macro_roc_auc"]) == {"mtl_lora", "lora_task_prefix"}
     saved = json.loads(out.read_text())
     assert saved["summary"].keys() == full["summary"].keys()
+    assert saved["settings"]["protocol"]["max_length"] == 48
     for res in full["results"].values():
         assert [s["seed"] for s in res["per_seed"]] == [0, 1]
         for s in res["per_seed"]:
@@ -56,6 +58,10 @@ def test_cpu_protocol_at_toy_size(tiny_encoder_dir, tmp_path, mlflow_uri, capsys
             for m in s["per_task"].values():
                 assert 0 <= m["roc_auc"] <= 1 and 0 <= m["pr_auc"] <= 1
             assert s["steps"] == 2  # 48 train rows, batch 32, one epoch
+    # Task-specific parts: reported for MTL-LoRA (Λ_t moved in step 2, once B was non-zero).
+    for s in full["results"]["mtl_lora"]["per_seed"]:
+        assert 0 < s["lambda_mean_dev"] <= s["lambda_max_dev"] and 0 < s["mix_max_dev"] < 1
+    assert not set(bench.SPREAD_KEYS) & set(full["results"]["lora_task_prefix"]["per_seed"][0])
     summary = full["summary"]
     assert summary["mtl_lora"]["trainable_params"] > summary["lora_task_prefix"]["trainable_params"]
     # Intervals: macro CI for every run, paired delta vs MTL-LoRA for the others.
@@ -102,3 +108,24 @@ def test_resume_keeps_finished_runs(tiny_encoder_dir, tmp_path, capsys):
     assert set(json.loads(out.read_text())["summary"]) == {"heads_only", "lora"}
     # Heads only trains two heads of hidden 32 (+ bias): nothing in the encoder.
     assert first["summary"]["heads_only"]["trainable_params"] == 2 * 33
+
+
+def test_task_spread_reads_mixing_and_lambda(tiny_encoder_dir):
+    bench = _bench()
+    proto = bench.Protocol("t", encoder=str(tiny_encoder_dir))
+    spec = {"variant": "mtl_lora", "r": 4, "n_up": 2, "tau": 0.5}
+    model, _ = bench.build(proto, spec, ["a", "b"], seed=0)
+    layers = [m for m in model.modules() if hasattr(m, "lora_lambda")]
+    with torch.no_grad():
+        for m in layers:
+            m.lora_w.zero_()  # uniform mixing: every weight 1/2
+            m.lora_lambda.fill_(1.0)
+        layers[0].lora_w[1] = torch.tensor([0.0, 0.5 * math.log(3.0)])  # softmax(w/0.5) = 1/4, 3/4
+        layers[-1].lora_lambda[0, 0] = 1.8
+    got = bench.task_spread(model)
+    assert math.isclose(got["mix_max_dev"], 0.25, rel_tol=1e-5)
+    assert math.isclose(got["lambda_max_dev"], 0.8, rel_tol=1e-5)
+    n_lambda = sum(m.lora_lambda.numel() for m in layers)
+    assert math.isclose(got["lambda_mean_dev"], 0.8 / n_lambda, rel_tol=1e-4)
+    lora, _ = bench.build(proto, {"variant": "lora", "r": 4}, ["a", "b"], seed=0)
+    assert bench.task_spread(lora) == {}
