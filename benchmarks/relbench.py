@@ -42,13 +42,32 @@ REFERENCE = "mtl_lora"
 
 # Run name -> adapter settings (+ an lr for full fine-tuning: 5e-4 would wreck a pretrained
 # encoder; 5e-5 is the usual full fine-tuning rate). α/r = 2 for every LoRA-family run.
+# mtl_lora_flatmix is MTL-LoRA with near-uniform mixing at init (small-std logits at tau 0.5):
+# the ablation that shows what the sharp, task-distinct init (the default) buys. MoELoRA's gate
+# starts near uniform too (every expert equally weighted), as a task gate usually does.
 RUNS: dict[str, dict] = {
     "mtl_lora": {"variant": "mtl_lora", "r": 8, "n_up": 3, "alpha": 16.0},
+    "mtl_lora_flatmix": {
+        "variant": "mtl_lora",
+        "r": 8,
+        "n_up": 3,
+        "alpha": 16.0,
+        "tau": 0.5,
+        "mix_init": "random",
+        "mix_init_std": 0.02,
+    },
     "lora": {"variant": "lora", "r": 8, "alpha": 16.0},
     "lora_r16": {"variant": "lora", "r": 16, "alpha": 32.0},
     "lora_task_prefix": {"variant": "lora_task_prefix", "r": 8, "alpha": 16.0},
     "multilora": {"variant": "multilora", "r": 8, "n_up": 3, "alpha": 16.0},
-    "moelora": {"variant": "moelora", "r": 8, "n_up": 3, "alpha": 16.0},
+    "moelora": {
+        "variant": "moelora",
+        "r": 8,
+        "n_up": 3,
+        "alpha": 16.0,
+        "mix_init": "random",
+        "mix_init_std": 0.02,
+    },
     "per_task_lora": {"variant": "per_task_lora", "r": 8, "alpha": 16.0},
     "full": {"variant": "full", "lr": 5e-5},
     "heads_only": {"variant": "heads_only"},
@@ -169,6 +188,14 @@ def train_config(
             "seed": seed,
         }
     )
+
+
+def resolved_adapter(spec: dict, num_tasks: int) -> dict:
+    """Every adapter setting of a run, defaults filled in: what --resume compares."""
+    from models.config import AdapterConfig
+
+    cfg = AdapterConfig(num_tasks=num_tasks, **{k: v for k, v in spec.items() if k != "lr"})
+    return {**asdict(cfg), "lr": spec.get("lr")}
 
 
 def build(proto: Protocol, spec: dict, task_names: list[str], seed: int):
@@ -679,7 +706,8 @@ def main(argv=None) -> dict:
         flush=True,
     )
 
-    results = {r: {"spec": RUNS[r], "per_seed": []} for r in args.variants}
+    adapters = {r: resolved_adapter(RUNS[r], len(task_names)) for r in RUNS}
+    results = {r: {"spec": RUNS[r], "adapter": adapters[r], "per_seed": []} for r in args.variants}
     onboard_res = None
     if args.resume and out.is_file():
         prev = json.loads(out.read_text())
@@ -687,7 +715,14 @@ def main(argv=None) -> dict:
             prev.get("settings", {}).get("protocol") == settings["protocol"]
             and prev["settings"]["tasks"] == task_names
         ):
-            kept = prev.get("results", {})
+            # A run whose adapter settings changed since (a new default) is trained again.
+            kept = {
+                r: v
+                for r, v in prev.get("results", {}).items()
+                if r in RUNS and v.get("adapter") == adapters[r]
+            }
+            for r in sorted(set(prev.get("results", {})) - set(kept)):
+                print(f"resuming: {r} dropped (its adapter settings differ from this run's)")
             for r in args.variants:
                 if r in kept:
                     results[r]["per_seed"] = [
@@ -700,6 +735,9 @@ def main(argv=None) -> dict:
                 if r in results or (r in kept and kept[r].get("per_seed"))
             }
             onboard_res = prev.get("onboarding")
+            if onboard_res is not None and onboard_res.get("adapter") != adapters[REFERENCE]:
+                print("resuming: onboarding dropped (MTL-LoRA's settings differ from this run's)")
+                onboard_res = None
             print(f"resuming: {sum(len(v['per_seed']) for v in results.values())} run(s) kept")
 
     def save():
@@ -747,6 +785,7 @@ def main(argv=None) -> dict:
         joint = results[REFERENCE]["per_seed"][0]["probs"]
         onboard_res = onboarding(proto, data, task_names, train, dev, held, joint, log)
         onboard_res["joint_probs"] = joint
+        onboard_res["adapter"] = adapters[REFERENCE]
         save()
     if onboard_res is not None:
         onboard_res["delta_ci"] = onboarding_delta(dev.rows, onboard_res, proto.n_boot)

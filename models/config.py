@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 LAMBDA_TYPES = ("diag", "full")
-MIX_INITS = ("random", "uniform")
+MIX_INITS = ("kaiming", "random", "uniform")
 POOLINGS = ("cls", "mean")
 
 # BERT-family module-name suffixes (BERT, MiniLM, RoBERTa, XLM-R share them): attention
@@ -37,11 +37,19 @@ class AdapterConfig:
     r: rank of the shared low-rank space (A is r x d_in).
     n_up: number of shared up-projections B_i (each d_out x r).
     num_tasks: T, number of tasks (one Λ_t and one w_t per task).
-    tau: temperature of softmax(w_t / tau) over the B_i (smaller = sharper).
+    tau: temperature of softmax(w_t / tau) over the B_i (smaller = sharper). 0.1, the paper's
+        commonsense setting.
     alpha: scaling numerator; the update is scaled by alpha / r.
     dropout: dropout on the adapter input x (as in LoRA).
     lambda_type: "diag" (a vector λ_t, the paper's default) or "full" (an r x r matrix).
-    mix_init: "random" (normal, std mix_init_std, as the authors' code) or "uniform" (zeros).
+    mix_init: init of the mixing logits w_t (MoELoRA: of the gate logits).
+        "kaiming": uniform on ±1/sqrt(n), as the authors' code (kaiming-uniform, a = sqrt(5),
+        on the (T, n) table). With tau 0.1 the tasks start from distinct, sharp blends of the
+        B_i, so the B_i get different gradients and grow apart.
+        "random": normal with std mix_init_std. "uniform": zeros (every blend 1/n).
+        Near-uniform blends (zeros, or a small std at a high tau) give every B_i the same
+        gradient: under Adam the B_i then stay equal, and the layer trains as one LoRA with a
+        per-task diagonal Λ_t.
     targets: module-name suffixes of the nn.Linear layers to adapt.
     """
 
@@ -49,11 +57,11 @@ class AdapterConfig:
     r: int = 8
     n_up: int = 3
     num_tasks: int = 1
-    tau: float = 0.5
+    tau: float = 0.1
     alpha: float = 16.0
     dropout: float = 0.0
     lambda_type: str = "diag"
-    mix_init: str = "random"
+    mix_init: str = "kaiming"
     mix_init_std: float = 0.02
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 

@@ -94,11 +94,11 @@ class AdapterSection(_Section):
     variant: str = "mtl_lora"
     r: int = 8
     n_up: int = 3
-    tau: float = 0.5
+    tau: float = 0.1
     alpha: float = 16.0
     dropout: float = 0.0
     lambda_type: str = "diag"
-    mix_init: str = "random"
+    mix_init: str = "kaiming"
     mix_init_std: float = 0.02
     targets: list[str] | None = None
 

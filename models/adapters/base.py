@@ -52,6 +52,18 @@ def check_task_ids(task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return task_ids.long()
 
 
+def init_mixing(logits: torch.Tensor, cfg: AdapterConfig) -> None:
+    """Init a (T, n) table of per-task mixing logits in place, per cfg.mix_init."""
+    with torch.no_grad():
+        if cfg.mix_init == "kaiming":
+            bound = 1.0 / logits.shape[-1] ** 0.5
+            nn.init.uniform_(logits, -bound, bound)
+        elif cfg.mix_init == "random":
+            nn.init.normal_(logits, std=cfg.mix_init_std)
+        else:
+            nn.init.zeros_(logits)
+
+
 class AdapterLinear(nn.Module):
     """h = base(x) + adapter_delta(x, task_ids); the base layer stays frozen and untouched.
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.adapters.base import AdapterLinear, TaskRouter
+from models.adapters.base import AdapterLinear, TaskRouter, init_mixing
 from models.config import AdapterConfig
 
 
@@ -40,10 +40,7 @@ class MoELoRALinear(AdapterLinear):
         for i in range(self.cfg.n_up):
             nn.init.kaiming_uniform_(self.lora_A[i], a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-        if self.cfg.mix_init == "random":
-            nn.init.normal_(self.lora_gate, std=self.cfg.mix_init_std)
-        else:
-            nn.init.zeros_(self.lora_gate)
+        init_mixing(self.lora_gate, self.cfg)
 
     def gates(self) -> torch.Tensor:
         """softmax over experts for every task: (T, n)."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.adapters.base import AdapterLinear, TaskRouter
+from models.adapters.base import AdapterLinear, TaskRouter, init_mixing
 from models.config import AdapterConfig
 
 
@@ -34,7 +34,7 @@ class MTLLoRALinear(AdapterLinear):
 
     def reset_parameters(self) -> None:
         # As LoRA/the authors: kaiming-uniform A, zero B (adapted model == frozen model at
-        # init), identity Λ_t, random (or uniform) mixing logits.
+        # init), identity Λ_t, mixing logits per cfg.mix_init.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         with torch.no_grad():
@@ -42,10 +42,7 @@ class MTLLoRALinear(AdapterLinear):
                 self.lora_lambda.fill_(1.0)
             else:
                 self.lora_lambda.copy_(torch.eye(self.cfg.r).expand_as(self.lora_lambda))
-            if self.cfg.mix_init == "random":
-                nn.init.normal_(self.lora_w, std=self.cfg.mix_init_std)
-            else:
-                nn.init.zeros_(self.lora_w)
+            init_mixing(self.lora_w, self.cfg)
 
     def mixing(self) -> torch.Tensor:
         """softmax(w_t / τ) for every task: (T, n)."""

@@ -106,6 +106,16 @@ def test_resume_keeps_finished_runs(tiny_encoder_dir, tmp_path, capsys):
     assert third["results"]["heads_only"]["per_seed"] == first["results"]["heads_only"]["per_seed"]
     assert third["results"]["lora"]["per_seed"] == again["results"]["lora"]["per_seed"]
     assert set(json.loads(out.read_text())["summary"]) == {"heads_only", "lora"}
+    # A run whose adapter settings changed (say a new default) is trained again, not kept.
+    bench.RUNS["lora"] = {**bench.RUNS["lora"], "r": 2}
+    fourth = bench.main([*base, "--variants", "lora", "--resume"])
+    assert "resuming: lora dropped" in capsys.readouterr().out
+    assert fourth["results"]["heads_only"]["per_seed"] == first["results"]["heads_only"]["per_seed"]
+    assert fourth["results"]["lora"]["adapter"]["r"] == 2
+    assert (
+        fourth["results"]["lora"]["per_seed"][0]["trainable_params"]
+        < third["results"]["lora"]["per_seed"][0]["trainable_params"]
+    )
     # Heads only trains two heads of hidden 32 (+ bias): nothing in the encoder.
     assert first["summary"]["heads_only"]["trainable_params"] == 2 * 33
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from models.adapters import MTLLoRALinear, TaskRouter
+from models.adapters.moelora import MoELoRALinear
 from models.config import AdapterConfig, ConfigError
 
 
@@ -79,6 +80,46 @@ def test_uniform_mix_init_gives_equal_weights():
         nn.Linear(5, 5), AdapterConfig(n_up=4, num_tasks=2, mix_init="uniform"), TaskRouter(2)
     )
     torch.testing.assert_close(layer.mixing(), torch.full((2, 4), 0.25))
+
+
+def test_default_mix_init_is_the_authors_kaiming_uniform():
+    cfg = AdapterConfig(n_up=4, num_tasks=64)
+    assert (cfg.mix_init, cfg.tau) == ("kaiming", 0.1)
+    w = MTLLoRALinear(nn.Linear(5, 5), cfg, TaskRouter(64)).lora_w
+    assert w.abs().max() <= 0.5  # uniform on ±1/sqrt(n)
+    assert 0.25 < w.std() < 0.33  # 0.5/sqrt(3) = 0.289
+    gate = MoELoRALinear(nn.Linear(5, 5), cfg, TaskRouter(64)).lora_gate
+    assert gate.abs().max() <= 0.5 and gate.std() > 0.25
+
+
+def _train_up_projections(cfg: AdapterConfig, steps: int = 30) -> torch.Tensor:
+    """Adam on a two-task regression, mixing logits held at their init; returns the B_i."""
+    torch.manual_seed(0)
+    router = TaskRouter(cfg.num_tasks)
+    layer = MTLLoRALinear(nn.Linear(6, 4), cfg, router)
+    params = [p for n, p in layer.named_parameters() if "lora_" in n and n != "lora_w"]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    x = torch.randn(32, 6)
+    router.task_ids = torch.arange(32) % 2
+    target = torch.randn(32, 4)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((layer(x) - target) ** 2).mean().backward()
+        opt.step()
+    return layer.lora_B.detach()
+
+
+def test_uniform_mixing_keeps_the_up_projections_equal_and_sharp_mixing_does_not():
+    # With every task blending the B_i evenly, each B_i gets the same gradient and Adam moves
+    # them identically: n up-projections train as one (w_t drifts only slowly at a small lr,
+    # so this is the regime of a small-std init at a high tau). The default init splits them.
+    flat = _train_up_projections(AdapterConfig(r=2, n_up=3, num_tasks=2, mix_init="uniform"))
+    assert flat.abs().max() > 0.05
+    torch.testing.assert_close(flat[0], flat[1])
+    torch.testing.assert_close(flat[0], flat[2])
+    sharp = _train_up_projections(AdapterConfig(r=2, n_up=3, num_tasks=2))
+    assert (sharp[0] - sharp[1]).abs().max() > 0.05
+    assert (sharp[0] - sharp[2]).abs().max() > 0.05
 
 
 def test_mixed_batch_equals_per_task_batches():
