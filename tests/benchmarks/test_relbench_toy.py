@@ -139,3 +139,19 @@ def test_task_spread_reads_mixing_and_lambda(tiny_encoder_dir):
     assert math.isclose(got["lambda_mean_dev"], 0.8 / n_lambda, rel_tol=1e-4)
     lora, _ = bench.build(proto, {"variant": "lora", "r": 4}, ["a", "b"], seed=0)
     assert bench.task_spread(lora) == {}
+
+
+def test_full_protocol_selects_on_dev_over_its_epochs(tiny_encoder_dir, tmp_path):
+    # The GPU protocol at toy size: all its epochs run, and the kept state is the dev-best one.
+    bench = _bench()
+    argv = ["--protocol", "full", "--encoder", str(tiny_encoder_dir), "--data", str(DATA)]
+    argv += ["--tasks", "rte", "mrpc", "--variants", "mtl_lora", "--seeds", "1"]
+    argv += ["--max-rows", "40", "--n-boot", "10", "--no-onboard", "--no-mlflow", "--quiet"]
+    argv += ["--out", str(tmp_path / "full.json"), "--threads", "1"]
+    res = bench.main(argv)
+    run = res["results"]["mtl_lora"]["per_seed"][0]
+    assert res["settings"]["protocol"]["epochs"] == 3.0
+    assert run["steps"] == math.ceil(3 * 80 / 32)  # 80 train rows, batch 32, three epochs
+    # Evaluated once an epoch (every 3 steps) and at the end; the best of those is kept.
+    assert run["best_step"] in (3, 6, 8)
+    assert len(run["probs"]) == 80
