@@ -319,6 +319,32 @@ def wait_for_versions(client, want: dict, timeout: float = 60) -> dict:
         time.sleep(0.5)
 
 
+def test_replaced_models_are_freed_by_reference_counting(export_v1):
+    """A replica gc.freeze()s what it loaded, so the cycle collector never looks at those
+    objects again: models a reload replaces must be freed by reference counting alone."""
+    import gc
+    import weakref
+
+    from serving.app import ScoringService, load_models
+    from serving.config import ServeConfig
+
+    cfg = ServeConfig.build(model=str(export_v1))
+    service = ScoringService(cfg, load_models(cfg))
+    old = service.models
+    refs = [weakref.ref(old)]
+    for scorer in old.scorers.values():
+        refs += [weakref.ref(scorer), weakref.ref(scorer.session)]
+    del old, scorer
+    gc.collect()
+    gc.disable()
+    try:
+        reloaded = asyncio.run(service.reload())
+        assert reloaded["reloaded"] is True
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
+
+
 def test_scores_equal_the_scorers_in_item_order(service, registry):
     ref = scorers(registry, "v1")
     rows = items(2 * MAX_BATCH + 5)  # more items than one batch holds: split and rejoined
