@@ -648,6 +648,11 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None, help="results JSON (default under --workdir)")
     p.add_argument("--workdir", type=Path, default=Path("adrel-work"))
     p.add_argument("--resume", action="store_true", help="keep finished runs found in --out")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the tables of the runs already in --out and train nothing (implies --resume)",
+    )
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -657,6 +662,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.resume = args.resume or args.report_only
     from jobs.runtime import set_env_defaults
 
     set_env_defaults()
@@ -750,7 +756,7 @@ def main(argv=None) -> dict:
     # Seed 0 of every run first, then the extra seeds: a cut-short benchmark has every variant.
     plan = [(r, s) for s in range(max(seeds.values())) for r in args.variants if s < seeds[r]]
     for r, seed in plan:
-        if any(x["seed"] == seed for x in results[r]["per_seed"]):
+        if args.report_only or any(x["seed"] == seed for x in results[r]["per_seed"]):
             continue
         print(f"== {r} seed {seed}", flush=True)
         _, probs, cost = train_run(proto, data, RUNS[r], task_names, train, dev, seed, log)
@@ -776,6 +782,7 @@ def main(argv=None) -> dict:
     held = proto.onboard_task
     if (
         not args.no_onboard
+        and not args.report_only
         and REFERENCE in args.variants
         and held in task_names
         and len(task_names) > 1

@@ -106,6 +106,11 @@ def test_resume_keeps_finished_runs(tiny_encoder_dir, tmp_path, capsys):
     assert third["results"]["heads_only"]["per_seed"] == first["results"]["heads_only"]["per_seed"]
     assert third["results"]["lora"]["per_seed"] == again["results"]["lora"]["per_seed"]
     assert set(json.loads(out.read_text())["summary"]) == {"heads_only", "lora"}
+    # --report-only prints the tables of what is there and trains nothing (no `full` run yet).
+    shown = bench.main([*base, "--variants", "heads_only", "lora", "full", "--report-only"])
+    assert "== " not in capsys.readouterr().out
+    assert set(shown["summary"]) == {"heads_only", "lora"}
+    assert shown["results"]["lora"]["per_seed"] == third["results"]["lora"]["per_seed"]
     # A run whose adapter settings changed (say a new default) is trained again, not kept.
     bench.RUNS["lora"] = {**bench.RUNS["lora"], "r": 2}
     fourth = bench.main([*base, "--variants", "lora", "--resume"])
