@@ -24,6 +24,7 @@ temporary directory first (tens of seconds).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -100,6 +101,9 @@ TITLE_WORDS = [
 ]
 
 
+CLIENT = "async"  # --client
+
+
 def make_items(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Varied query–ad pairs (a few to ~40 tokens), like the ad server would send."""
     rng = random.Random(seed)
@@ -135,7 +139,77 @@ def build_export(out: Path) -> Path:
 def closed_loop(
     port: int, path: str, bodies: list[bytes], concurrency: int, requests: int, limit_s: float
 ) -> dict[str, float]:
-    """`concurrency` clients each send the next request when the last answer arrived."""
+    """`concurrency` clients each send the next request when the last answer arrived.
+
+    The clients are coroutines on one event loop in a thread of their own, each on its own
+    keep-alive connection, speaking just enough HTTP/1.1 for this: the load generator shares the
+    machine with the service, so it should cost as little CPU as it can (`client_cpu_ms` per
+    request is reported; --client threads runs one http.client thread per client instead).
+    """
+    if CLIENT == "threads":
+        return _closed_loop_threads(port, path, bodies, concurrency, requests, limit_s)
+    out: dict[str, float] = {}
+    t = threading.Thread(
+        target=lambda: out.update(
+            asyncio.run(_closed_loop_async(port, path, bodies, concurrency, requests, limit_s))
+        )
+    )
+    t.start()
+    t.join()
+    return out
+
+
+async def _closed_loop_async(
+    port: int, path: str, bodies: list[bytes], concurrency: int, requests: int, limit_s: float
+) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + limit_s
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+
+    async def client(k: int) -> None:
+        nonlocal sent, errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        try:
+            while sent < requests and time.perf_counter() <= deadline:
+                sent += 1
+                body = bodies[i % len(bodies)]
+                i += concurrency
+                t0 = time.perf_counter()
+                writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                status, length = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                await reader.readexactly(length)
+                dt = time.perf_counter() - t0
+                if status == 200:
+                    latencies.append(dt)
+                else:
+                    errors += 1
+        finally:
+            writer.close()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {**summarize(latencies, wall, errors), "client_cpu_ms": cpu * 1e3 / max(1, sent)}
+
+
+def _parse_head(head: bytes) -> tuple[int, int]:
+    """(status, Content-Length) of a response head; the service always sends a length."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return status, int(value)
+    raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+
+
+def _closed_loop_threads(
+    port: int, path: str, bodies: list[bytes], concurrency: int, requests: int, limit_s: float
+) -> dict[str, float]:
+    """The same load from one http.client thread per client (--client threads)."""
     lock = threading.Lock()
     latencies: list[float] = []
     errors = [0]
@@ -165,23 +239,26 @@ def closed_loop(
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return summarize(latencies, wall, errors[0])
+    cpu_ms = (time.process_time() - cpu0) * 1e3 / max(1, sent[0])
+    return {**summarize(latencies, wall, errors[0]), "client_cpu_ms": cpu_ms}
 
 
 def summarize(latencies: list[float], wall: float, errors: int = 0) -> dict[str, float]:
     lat = sorted(x * 1000 for x in latencies)
     if not lat:
-        return {"n": 0, "errors": errors, "p50_ms": float("nan"), "p99_ms": float("nan"), "rps": 0}
+        nan = float("nan")
+        return {"n": 0, "errors": errors, "p50_ms": nan, "mean_ms": nan, "p99_ms": nan, "rps": 0}
     return {
         "n": len(lat),
         "errors": errors,
         "p50_ms": statistics.median(lat),
+        "mean_ms": statistics.fmean(lat),
         "p99_ms": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
         "rps": len(lat) / wall,
     }
@@ -284,8 +361,16 @@ def main() -> None:
         default=None,
         help="model calls a replica runs at once (default: the service's default)",
     )
+    ap.add_argument(
+        "--client",
+        choices=("async", "threads"),
+        default="async",
+        help="load generator: coroutines on one thread (default) or a thread per client",
+    )
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = ap.parse_args()
+    global CLIENT
+    CLIENT = args.client
 
     from jobs.runtime import ensure_ray, free_loopback_port, set_env_defaults, shutdown_ray
 
@@ -368,6 +453,14 @@ def main() -> None:
             res["mean_batch"] = (after["items"] - before["items"]) / max(
                 1, after["batches"] - before["batches"]
             )
+            # Where a request's time went: inside the handler (batch queue + model call) vs
+            # outside it (HTTP, Serve's request path, the event loop's queue, the client).
+            res["handler_ms"] = (after["handler_ms_total"] - before["handler_ms_total"]) / max(
+                1, after["handled"] - before["handled"]
+            )
+            res["model_call_ms"] = (
+                after["model_call_ms_total"] - before["model_call_ms_total"]
+            ) / max(1, after["batches"] - before["batches"])
             if (name, c) == ("batched", 16):
                 c16_batches += after["batches"] - before["batches"]
                 c16_items += after["items"] - before["items"]
@@ -375,9 +468,10 @@ def main() -> None:
             print(
                 f"round {r} {name:9s} c={c:2d}: n={res['n']} p50={res['p50_ms']:.2f} ms "
                 f"p99={res['p99_ms']:.2f} ms rps={res['rps']:.1f} "
-                f"mean batch={res['mean_batch']:.2f} errors={res['errors']} | replica (recent "
-                f"window): handler p50={after['handler_ms_p50']:.2f} ms, model call p50="
-                f"{after['model_call_ms_p50']:.2f} ms",
+                f"mean batch={res['mean_batch']:.2f} errors={res['errors']} "
+                f"client cpu={res['client_cpu_ms']:.2f} ms/req | mean latency "
+                f"{res['mean_ms']:.2f} ms, in the handler {res['handler_ms']:.2f} ms, "
+                f"model call {res['model_call_ms']:.2f} ms",
                 flush=True,
             )
         via = closed_loop(proxy, "/batched/v1/score", bodies, 1, args.requests, args.time_limit)
@@ -428,6 +522,8 @@ def main() -> None:
         "serve_floor_proxy_p50_ms": round(
             statistics.median(x["p50_ms"] for x in proxy_floor_runs), 2
         ),
+        "client": args.client,
+        "client_cpu_ms_per_request_c16": round(med("batched", 16, "client_cpu_ms"), 3),
         "mean_batch_items_c16": round(c16_items / max(1, c16_batches), 2),
         "max_batch_items": stats["max_batch_items"],
         "errors": sum(x["errors"] for rs in runs.values() for x in rs),

@@ -9,7 +9,8 @@
     GET  /docs, /openapi.json
 
 Concurrent requests are gathered by `@serve.batch`; batches that wait for a busy model are
-merged into its next call (at most max_batch_size items, one ORT run per task). A request
+merged into its next calls (each takes its share of the waiting items over the model slots, at
+most max_batch_size items, one ORT run per task). A request
 that finds the replica idle (nothing waiting, a model slot free, no batch wait configured)
 is scored at once, past Serve's batch queue. A replica
 holds one `ModelSet` (a Scorer per task); a reload builds the new set beside it and swaps the
@@ -245,6 +246,10 @@ class BatchStats:
         self.sizes: Counter[int] = Counter()
         self.model_ms: deque[float] = deque(maxlen=window)
         self.handler_ms: deque[float] = deque(maxlen=window)
+        # Running totals: differences of two snapshots give the means over the requests between.
+        self.model_ms_total = 0.0
+        self.handled = 0
+        self.handler_ms_total = 0.0
 
     def record(self, requests: int, items: int, model_ms: float) -> None:
         self.batches += 1
@@ -252,6 +257,12 @@ class BatchStats:
         self.items += items
         self.sizes[items] += 1
         self.model_ms.append(model_ms)
+        self.model_ms_total += model_ms
+
+    def record_handler(self, ms: float) -> None:
+        self.handled += 1
+        self.handler_ms.append(ms)
+        self.handler_ms_total += ms
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -264,6 +275,9 @@ class BatchStats:
             "batch_items_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
             "model_call_ms_p50": _median(self.model_ms),
             "handler_ms_p50": _median(self.handler_ms),
+            "model_call_ms_total": self.model_ms_total,
+            "handled": self.handled,
+            "handler_ms_total": self.handler_ms_total,
         }
 
 
@@ -321,7 +335,7 @@ class ScoringService:
             if isinstance(p, BaseException):
                 raise p
         scores = np.concatenate(parts)  # (N,)
-        self.stats.handler_ms.append((time.perf_counter() - t0) * 1e3)
+        self.stats.record_handler((time.perf_counter() - t0) * 1e3)
         return {
             "task": req.task,
             "model_version": str(scorer.model_version),
@@ -374,19 +388,27 @@ class ScoringService:
 
         Serve closes a batch as soon as its wait is over and queues it while the model is
         busy, so under load a train of small batches would form. Here batches wait for a
-        model slot together, and whoever gets the slot takes every waiting chunk, oldest
-        first, up to max_batch_size items: an idle replica scores at once, a busy one runs
-        full model calls. The model calls run off the event loop.
+        model slot together, and whoever gets the slot takes the oldest waiting chunks, its
+        share of them over the slots (`_share`): an idle replica scores at once, a busy one
+        merges what waits. The model calls run off the event loop.
         """
         loop = asyncio.get_running_loop()
         mine = [Waiting(c, loop.create_future()) for c in chunks]
         self._waiting.extend(mine)
         while not all(w.taken for w in mine):
             async with self._model_slots:
-                call = self._take(self.cfg.batching.max_batch_size)
+                call = self._take(self._share())
                 if call:
                     await self._run(call)
         return [await w.result for w in mine]
+
+    def _share(self) -> int:
+        """Items one model call takes: the waiting items split over the model slots, at most
+        max_batch_size. A slot that took everything would leave the other slots the stragglers:
+        the requests in its call would all wait for the longest call, the others pass."""
+        waiting = sum(len(w.chunk.queries) for w in self._waiting)
+        slots = self.cfg.batching.max_concurrent_batches
+        return max(1, min(self.cfg.batching.max_batch_size, -(-waiting // slots)))
 
     def _take(self, max_items: int) -> list[Waiting]:
         """The oldest waiting chunks, at most max_items items (at least one chunk)."""

@@ -345,6 +345,44 @@ def test_replaced_models_are_freed_by_reference_counting(export_v1):
         gc.enable()
 
 
+@pytest.mark.parametrize("slots, largest_call", [(2, 7), (1, 13)])
+def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, slots, largest_call):
+    """13 requests wait while every model slot is busy. The first slot to free takes its share
+    (13 over 2 slots: 7), not the whole queue: a slot that took everything would hold all 13
+    in one long call while the other slot had nothing. One slot takes them all."""
+    from serving.app import Chunk, ScoringService, load_models
+    from serving.config import ServeConfig
+
+    batching = {"max_batch_size": 16, "max_concurrent_batches": slots, "batch_wait_ms": 0}
+    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
+    service = ScoringService(cfg, load_models(cfg))
+    scorer = service.models.scorers["search"]
+    rows = items(13, seed=3)
+
+    async def run() -> list:
+        for _ in range(slots):
+            await service._model_slots.acquire()
+        calls = [
+            asyncio.create_task(
+                service._score_batch(
+                    [Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]])]
+                )
+            )
+            for r in rows
+        ]
+        await asyncio.sleep(0.05)  # every request is waiting for a slot
+        assert len(service._waiting) == len(rows)
+        for _ in range(slots):
+            service._model_slots.release()
+        return [(await c)[0] for c in calls]
+
+    got = np.concatenate(asyncio.run(run()))
+    np.testing.assert_allclose(got, reference(scorer, rows), atol=1e-6)
+    sizes = service.stats.sizes
+    assert sum(k * v for k, v in sizes.items()) == len(rows)
+    assert max(sizes) == largest_call, dict(sizes)
+
+
 def test_scores_equal_the_scorers_in_item_order(service, registry):
     ref = scorers(registry, "v1")
     rows = items(2 * MAX_BATCH + 5)  # more items than one batch holds: split and rejoined
