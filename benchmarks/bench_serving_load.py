@@ -13,7 +13,9 @@ Side by side in the same run: the
 batched app at concurrency 1 through Serve's HTTP proxy (`p50_ms_c1_proxy`, the
 `--ingress proxy` path), and a third app that only parses the body and returns a constant,
 which gives Ray Serve's own floor on the machine, direct (`serve_floor_p50_ms`) and through
-the proxy (`serve_floor_proxy_p50_ms`). Last line: one JSON object.
+the proxy (`serve_floor_proxy_p50_ms`). Each phase also reports where a request's time went
+(the mean latency, the mean time inside the handler, which holds the wait for a model slot, and
+the mean model call) and the load generator's own CPU per request. Last line: one JSON object.
 
     python benchmarks/bench_serving_load.py [--model DIR|URI] [--requests 200] [--rounds 3]
 
