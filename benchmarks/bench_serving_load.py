@@ -415,15 +415,19 @@ def main() -> None:
         },
         "unbatched": {"max_batch_size": 1, "batch_wait_ms": 0.0, **slot_option},
     }
-    for name, batching in apps.items():
-        cfg = ServeConfig.build(**common, app_name=name, batching=batching)
+    cfgs = {
+        name: ServeConfig.build(**common, app_name=name, batching=batching)
+        for name, batching in apps.items()
+    }
+    for name, cfg in cfgs.items():
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
     serve.run(echo_app(), name="echo", route_prefix="/echo", blocking=False)
-    # The bare Scorer runs as the replicas do (both apps share these settings).
+    # The bare Scorer runs as the batched app's replica does.
     from serving.scorer import load_scorers
 
-    threads, slots = cfg.ort_threads(), cfg.batching.max_concurrent_batches
-    spin = cfg.ort_spin_wait
+    ref = cfgs["batched"]
+    threads, slots = ref.ort_threads(), ref.batching.max_concurrent_batches
+    spin = ref.ort_spin_wait
     ports = replica_ports(ingress.replica_ports, ["batched", "unbatched", "echo"])
     print(f"direct ingress ports {ports}; Serve's proxy on {proxy}", flush=True)
     port = ports["batched"]

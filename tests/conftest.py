@@ -20,6 +20,32 @@ def tiny_encoder_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def make_tiny_export(tmp_path_factory, tiny_encoder_dir):
+    """make(tasks, name): an ONNX export of a tiny checkpoint for `tasks` whose adapters and
+    heads are non-zero (seeded: the same tasks give the same graphs)."""
+
+    def make(tasks: list[str], name: str = "export"):
+        import torch
+
+        from features.tasks import TaskRegistry
+        from models.checkpoint import build_model, save_checkpoint
+        from models.config import AdapterConfig
+        from pipeline.export import export_checkpoint
+
+        tmp = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        cfg = AdapterConfig(num_tasks=len(tasks))
+        model = build_model(str(tiny_encoder_dir), cfg, TaskRegistry(tasks))
+        with torch.no_grad():
+            for p in model.trainable_state().values():
+                p.add_(torch.randn_like(p) * 0.5)  # non-zero B, Λ, w and heads
+        ckpt = save_checkpoint(model, tmp / "ckpt", max_length=32)
+        return export_checkpoint(ckpt, tmp / "export").out_dir
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     from models.encoder import DEFAULT_ENCODER, resolve_encoder
 

@@ -68,22 +68,8 @@ def test_refuses_a_missing_model_before_starting_ray(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, tiny_encoder_dir):
-    import torch
-
-    from features.tasks import TaskRegistry
-    from models.checkpoint import build_model, save_checkpoint
-    from models.config import AdapterConfig
-    from pipeline.export import export_checkpoint
-
-    tmp = tmp_path_factory.mktemp("serve-cli")
-    torch.manual_seed(0)
-    model = build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=1), TaskRegistry(["search"]))
-    with torch.no_grad():
-        for p in model.trainable_state().values():
-            p.add_(torch.randn_like(p) * 0.5)
-    ckpt = save_checkpoint(model, tmp / "ckpt", max_length=32)
-    return export_checkpoint(ckpt, tmp / "export").out_dir
+def export_dir(make_tiny_export):
+    return make_tiny_export(["search"], "serve-cli")
 
 
 def test_busy_port_is_refused(export_dir, capsys):

@@ -168,23 +168,9 @@ def test_ingress_ports_and_the_environment_serve_needs():
 
 
 @pytest.fixture(scope="module")
-def export_v1(tmp_path_factory, tiny_encoder_dir):
+def export_v1(make_tiny_export):
     """An export of a tiny 2-task checkpoint with non-zero adapters and heads."""
-    import torch
-
-    from features.tasks import TaskRegistry
-    from models.checkpoint import build_model, save_checkpoint
-    from models.config import AdapterConfig
-    from pipeline.export import export_checkpoint
-
-    tmp = tmp_path_factory.mktemp("serve-export")
-    torch.manual_seed(0)
-    model = build_model(str(tiny_encoder_dir), AdapterConfig(num_tasks=2), TaskRegistry(TASKS))
-    with torch.no_grad():
-        for p in model.trainable_state().values():
-            p.add_(torch.randn_like(p) * 0.5)  # non-zero B, Λ, w and heads
-    ckpt = save_checkpoint(model, tmp / "ckpt", max_length=32)
-    return export_checkpoint(ckpt, tmp / "export-v1").out_dir
+    return make_tiny_export(TASKS, "serve-export")
 
 
 @pytest.fixture(scope="module")
