@@ -446,6 +446,7 @@ def main() -> None:
     runs: dict[tuple[str, int], list[dict]] = {p: [] for p in phases}
     bare_runs = []
     capacity_runs = []
+    single_runs = []  # the bare Scorer from as many callers, one item per call
     floor_runs = []
     proxy_runs = []
     proxy_floor_runs = []
@@ -491,10 +492,12 @@ def main() -> None:
         bare_runs.append(bare)
         full = bare_scorer(bare_model, items, 32, args.batch_size, slots)
         capacity_runs.append(full["items_per_s"])
+        single = bare_scorer(bare_model, items, 64, 1, slots)
+        single_runs.append(single["items_per_s"])
         print(
             f"round {r} bare scorer     : p50={bare['p50_ms']:.2f} ms p99={bare['p99_ms']:.2f} ms;"
-            f" {args.batch_size} items per call from {slots} caller(s):"
-            f" {full['items_per_s']:.0f} items/s"
+            f" from {slots} caller(s), {args.batch_size} items per call:"
+            f" {full['items_per_s']:.0f} items/s, 1 item per call: {single['items_per_s']:.0f}"
         )
 
     stats = get_json(port, "/batched/v1/stats")
@@ -522,6 +525,11 @@ def main() -> None:
         # clients could get at best, and the mean latency that implies (16 / items/s).
         "bare_scorer_items_per_s": round(statistics.median(capacity_runs), 1),
         "c16_model_bound_ms": round(16_000 / statistics.median(capacity_runs), 1),
+        # What batching can gain in the model alone: full batches vs one item per call, from as
+        # many callers as model slots (the ceiling of batching_gain, less what Serve adds).
+        "model_batching_gain_bound": round(
+            statistics.median(capacity_runs) / statistics.median(single_runs), 2
+        ),
         "ingress": "direct",
         "p50_ms_c1_proxy": round(statistics.median(x["p50_ms"] for x in proxy_runs), 2),
         "serve_floor_p50_ms": round(statistics.median(x["p50_ms"] for x in floor_runs), 2),

@@ -38,7 +38,8 @@ def test_load_benchmark_runs_and_reports_every_figure(make_tiny_export, client):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["errors"] == 0 and out["client"] == client
     for key in ("p50_ms_c1", "p99_ms_c1", "p99_ms_c16_batched", "rps_c16_batched",
-                "rps_c16_unbatched", "batching_gain", "overhead_ms_c1"):  # fmt: skip
+                "rps_c16_unbatched", "batching_gain", "overhead_ms_c1",
+                "model_batching_gain_bound"):  # fmt: skip
         assert math.isfinite(out[key]), (key, out)
         assert out[key] > 0 or key == "overhead_ms_c1", (key, out)
     assert out["p99_ms_c1"] >= out["p50_ms_c1"] > out["bare_scorer_p50_ms"] > 0
