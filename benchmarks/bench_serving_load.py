@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import http.client
 import json
 import os
@@ -103,9 +104,6 @@ TITLE_WORDS = [
 ]
 
 
-CLIENT = "async"  # --client
-
-
 def make_items(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Varied query–ad pairs (a few to ~40 tokens), like the ad server would send."""
     rng = random.Random(seed)
@@ -139,16 +137,22 @@ def build_export(out: Path) -> Path:
 
 
 def closed_loop(
-    port: int, path: str, bodies: list[bytes], concurrency: int, requests: int, limit_s: float
+    port: int,
+    path: str,
+    bodies: list[bytes],
+    concurrency: int,
+    requests: int,
+    limit_s: float,
+    client: str = "async",
 ) -> dict[str, float]:
     """`concurrency` clients each send the next request when the last answer arrived.
 
     The clients are coroutines on one event loop in a thread of their own, each on its own
     keep-alive connection, speaking just enough HTTP/1.1 for this: the load generator shares the
     machine with the service, so it should cost as little CPU as it can (`client_cpu_ms` per
-    request is reported; --client threads runs one http.client thread per client instead).
+    request is reported; client "threads" runs one http.client thread per client instead).
     """
-    if CLIENT == "threads":
+    if client == "threads":
         return _closed_loop_threads(port, path, bodies, concurrency, requests, limit_s)
     out: dict[str, float] = {}
     t = threading.Thread(
@@ -266,6 +270,11 @@ def summarize(latencies: list[float], wall: float, errors: int = 0) -> dict[str,
     }
 
 
+def mean_between(before: dict, after: dict, total: str, count: str) -> float:
+    """Mean of a /v1/stats running total over what happened between two snapshots."""
+    return (after[total] - before[total]) / max(1, after[count] - before[count])
+
+
 def get_json(port: int, path: str) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", path)
@@ -371,10 +380,10 @@ def main() -> None:
     )
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = ap.parse_args()
-    global CLIENT
-    CLIENT = args.client
 
     from jobs.runtime import ensure_ray, free_loopback_port, set_env_defaults, shutdown_ray
+
+    load = functools.partial(closed_loop, client=args.client)
 
     set_env_defaults()
     tmp = tempfile.TemporaryDirectory(prefix="adrel-bench-serve-")
@@ -439,8 +448,8 @@ def main() -> None:
     bodies = [json.dumps({"task": task, "items": [it]}).encode() for it in items]
 
     for name in apps:  # warm up both apps (first batches, thread pools, allocations)
-        closed_loop(ports[name], f"/{name}/v1/score", bodies, 4, 40, 10.0)
-    closed_loop(proxy, "/batched/v1/score", bodies, 4, 40, 10.0)
+        load(ports[name], f"/{name}/v1/score", bodies, 4, 40, 10.0)
+    load(proxy, "/batched/v1/score", bodies, 4, 40, 10.0)
 
     phases = [(name, c) for c in (1, 16) for name in apps]
     runs: dict[tuple[str, int], list[dict]] = {p: [] for p in phases}
@@ -455,19 +464,13 @@ def main() -> None:
         for name, c in phases:
             at = ports[name]
             before = get_json(at, f"/{name}/v1/stats")
-            res = closed_loop(at, f"/{name}/v1/score", bodies, c, args.requests, args.time_limit)
+            res = load(at, f"/{name}/v1/score", bodies, c, args.requests, args.time_limit)
             after = get_json(at, f"/{name}/v1/stats")
-            res["mean_batch"] = (after["items"] - before["items"]) / max(
-                1, after["batches"] - before["batches"]
-            )
+            res["mean_batch"] = mean_between(before, after, "items", "batches")
             # Where a request's time went: inside the handler (batch queue + model call) vs
             # outside it (HTTP, Serve's request path, the event loop's queue, the client).
-            res["handler_ms"] = (after["handler_ms_total"] - before["handler_ms_total"]) / max(
-                1, after["handled"] - before["handled"]
-            )
-            res["model_call_ms"] = (
-                after["model_call_ms_total"] - before["model_call_ms_total"]
-            ) / max(1, after["batches"] - before["batches"])
+            res["handler_ms"] = mean_between(before, after, "handler_ms_total", "handled")
+            res["model_call_ms"] = mean_between(before, after, "model_call_ms_total", "batches")
             if (name, c) == ("batched", 16):
                 c16_batches += after["batches"] - before["batches"]
                 c16_items += after["items"] - before["items"]
@@ -481,11 +484,11 @@ def main() -> None:
                 f"model call {res['model_call_ms']:.2f} ms",
                 flush=True,
             )
-        via = closed_loop(proxy, "/batched/v1/score", bodies, 1, args.requests, args.time_limit)
+        via = load(proxy, "/batched/v1/score", bodies, 1, args.requests, args.time_limit)
         proxy_runs.append(via)
         print(f"round {r} batched c= 1 through Serve's proxy: p50={via['p50_ms']:.2f} ms")
         for at, runs_of, what in [(ports["echo"], floor_runs, "direct"), (proxy, proxy_floor_runs, "proxy")]:  # fmt: skip
-            floor = closed_loop(at, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
+            floor = load(at, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
             runs_of.append(floor)
             print(f"round {r} serve floor {what:6s}: p50={floor['p50_ms']:.2f} ms (a no-op app)")
         bare = bare_scorer(bare_model, items, args.requests)
