@@ -274,7 +274,37 @@ def run_training(
         result = trainer.fit()
     except Exception as e:
         raise TrainingFailed(f"training run {run_name!r} failed: {_failure_summary(e)}") from e
+    pruned = prune_unregistered_checkpoints(result, log)
+    if pruned:
+        log(f"run {run_name}: removed {len(pruned)} checkpoint(s) left by a failed attempt")
     return _train_result(result, run_name, storage, tracking_uri)
+
+
+def prune_unregistered_checkpoints(result, log=print) -> list[str]:
+    """Remove checkpoint directories of this run that Ray Train never registered.
+
+    A worker uploads its checkpoint directory before the controller registers it; when the
+    group fails in between (a killed worker), the upload stays behind, unknown to Ray Train's
+    `num_to_keep` and never restored from. After a successful run only the checkpoints Ray kept
+    are left. Cleanup is best effort: a storage error is reported, never raised.
+    """
+    import pyarrow.fs as pafs
+
+    fs, run_dir = result.filesystem, result.path
+    kept = {Path(c.path).name for c, _ in result.best_checkpoints or []}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).name)
+    removed = []
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+        for e in entries:
+            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint-"):
+                if e.base_name not in kept:
+                    fs.delete_dir(e.path)
+                    removed.append(e.base_name)
+    except (OSError, ValueError) as err:
+        log(f"warning: could not clean up stale checkpoints under {run_dir}: {err}")
+    return sorted(removed)
 
 
 def _train_result(result, run_name: str, storage: str, tracking_uri: str | None) -> TrainResult:

@@ -141,6 +141,10 @@ def registered_checkpoints(run_dir: Path) -> list[str]:
         return []
 
 
+# What a killed attempt can leave behind: a checkpoint uploaded but never registered.
+STALE_UPLOAD = "checkpoint-0000015-5ta1e0"
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> threading.Thread:
     def watch():
         deadline = time.time() + 600
@@ -150,6 +154,8 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> t
                 if workers:
                     workers[-1].send_signal(signal.SIGKILL)
                     killed.append(workers[-1].pid)
+                    (run_dir / STALE_UPLOAD).mkdir()
+                    (run_dir / STALE_UPLOAD / "model.safetensors").write_bytes(b"partial")
             time.sleep(0.02)
 
     t = threading.Thread(target=watch, daemon=True)
@@ -201,8 +207,11 @@ def test_two_workers_survive_a_killed_worker_learn_and_track(
     assert meta["extra"]["mlflow_run_id"] == res.mlflow_run_id
     model, _ = load_checkpoint(ckpt)
     assert model.tasks.names == sorted(KEYWORD_TASKS)
-    # Ray kept only checkpoint.keep (2) checkpoints.
-    assert len([p for p in ckpt.parent.iterdir() if p.name.startswith("checkpoint-")]) == 2
+    # Only the checkpoint.keep (2) checkpoints Ray kept are left: the killed attempt's
+    # unregistered upload is removed with the rest.
+    left = sorted(p.name for p in ckpt.parent.iterdir() if p.name.startswith("checkpoint-"))
+    assert len(left) == 2 and ckpt.name in left and STALE_UPLOAD not in left, left
+    assert left == sorted(registered_checkpoints(ckpt.parent)), left
 
     # MLflow, checked through the client: one run, continued across the restart.
     client = MlflowClient(mlflow_uri)
