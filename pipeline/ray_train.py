@@ -298,10 +298,10 @@ def prune_unregistered_checkpoints(result, log=print) -> list[str]:
     try:
         entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
         for e in entries:
-            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint-"):
-                if e.base_name not in kept:
-                    fs.delete_dir(e.path)
-                    removed.append(e.base_name)
+            stale = e.base_name.startswith("checkpoint-") and e.base_name not in kept
+            if stale and e.type == pafs.FileType.Directory:
+                fs.delete_dir(e.path)
+                removed.append(e.base_name)
     except (OSError, ValueError) as err:
         log(f"warning: could not clean up stale checkpoints under {run_dir}: {err}")
     return sorted(removed)
