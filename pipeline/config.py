@@ -191,7 +191,8 @@ class EvalSection(_Section):
 class CheckpointSection(_Section):
     """Ray Train checkpoints every N steps to storage_path (a local dir or a pyarrow URI).
 
-    storage_path defaults to `<workdir>/ray_results`; keep is how many checkpoints Ray keeps;
+    storage_path defaults to `<workdir>/ray_results`; keep is how many checkpoints Ray keeps
+    (a successful run also removes what a failed attempt uploaded but never registered);
     max_failures is how often a failed worker group is restarted from the last checkpoint.
     """
 
