@@ -16,7 +16,11 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from tests.pipeline.test_ray_train import registered_checkpoints, write_keyword_tasks
+from tests.pipeline.test_ray_train import (
+    STALE_UPLOAD,
+    registered_checkpoints,
+    write_keyword_tasks,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,6 +152,9 @@ def test_sigkilled_driver_resumes_with_same_run_name(
             first.kill() if first.poll() is None else None
             _reap(started)
     assert first.returncode == -signal.SIGKILL
+    # What a kill between a checkpoint's upload and its registration leaves in storage.
+    (run_dir / STALE_UPLOAD).mkdir()
+    (run_dir / STALE_UPLOAD / "model.safetensors").write_bytes(b"partial")
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     out = second.stdout + second.stderr
@@ -161,6 +168,16 @@ def test_sigkilled_driver_resumes_with_same_run_name(
     run_id = re.search(r"MLFLOW_RUN_ID=(\w+)", out).group(1)
     ckpt = re.search(r"CHECKPOINT=(\S+)", out).group(1)
     assert Path(ckpt).parent == run_dir and (Path(ckpt) / "config.json").is_file()
+    # Storage holds what Ray Train registered and kept (checkpoint.keep, 3), none of what the
+    # killed driver's job uploaded without registering, and every kept folder is still there.
+    left = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-"))
+    assert left == sorted(registered_checkpoints(run_dir)) and len(left) == 3, left
+    assert Path(ckpt).name in left and STALE_UPLOAD not in left
+    # The planted folder, and any the kill really left between upload and registration.
+    removed = re.search(
+        r"run resume-me: removed (\d+) checkpoint\(s\) left by a failed attempt", out
+    )
+    assert removed and int(removed.group(1)) >= 1, out[-4000:]
 
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs(
