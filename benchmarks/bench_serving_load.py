@@ -471,6 +471,12 @@ def main() -> None:
             # outside it (HTTP, Serve's request path, the event loop's queue, the client).
             res["handler_ms"] = mean_between(before, after, "handler_ms_total", "handled")
             res["model_call_ms"] = mean_between(before, after, "model_call_ms_total", "batches")
+            # The queue in front of the model slots: a chunk's wait there, and the items
+            # waiting when a call was taken (what `_share` split).
+            res["queue_ms"] = mean_between(before, after, "queue_ms_total", "queued_chunks")
+            res["waiting_at_take"] = mean_between(
+                before, after, "waiting_items_at_take_total", "batches"
+            )
             if (name, c) == ("batched", 16):
                 c16_batches += after["batches"] - before["batches"]
                 c16_items += after["items"] - before["items"]
@@ -481,7 +487,8 @@ def main() -> None:
                 f"mean batch={res['mean_batch']:.2f} errors={res['errors']} "
                 f"client cpu={res['client_cpu_ms']:.2f} ms/req | mean latency "
                 f"{res['mean_ms']:.2f} ms, in the handler {res['handler_ms']:.2f} ms, "
-                f"model call {res['model_call_ms']:.2f} ms",
+                f"model call {res['model_call_ms']:.2f} ms, queued for a slot "
+                f"{res['queue_ms']:.2f} ms ({res['waiting_at_take']:.1f} items waiting at a take)",
                 flush=True,
             )
         via = load(proxy, "/batched/v1/score", bodies, 1, args.requests, args.time_limit)
@@ -542,6 +549,11 @@ def main() -> None:
         "client": args.client,
         "client_cpu_ms_per_request_c16": round(med("batched", 16, "client_cpu_ms"), 3),
         "mean_batch_items_c16": round(c16_items / max(1, c16_batches), 2),
+        # Where a c16 request's time goes in the batched replica (means over the rounds).
+        "handler_ms_c16_batched": round(med("batched", 16, "handler_ms"), 2),
+        "queue_ms_c16_batched": round(med("batched", 16, "queue_ms"), 2),
+        "model_call_ms_c16_batched": round(med("batched", 16, "model_call_ms"), 2),
+        "waiting_at_take_c16_batched": round(med("batched", 16, "waiting_at_take"), 2),
         "max_batch_items": stats["max_batch_items"],
         "errors": sum(x["errors"] for rs in runs.values() for x in rs),
         "requests_per_phase": args.requests,

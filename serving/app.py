@@ -28,7 +28,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -226,6 +226,7 @@ class Waiting:
     chunk: Chunk
     result: asyncio.Future
     taken: bool = False
+    since: float = field(default_factory=time.perf_counter)
 
 
 def chunk_items(chunks: Sequence[Chunk]) -> int:
@@ -250,6 +251,11 @@ class BatchStats:
         self.model_ms_total = 0.0
         self.handled = 0
         self.handler_ms_total = 0.0
+        # The queue in front of the model slots: items waiting when a call is taken (summed
+        # over calls), and each chunk's wait from joining the queue to being taken.
+        self.waiting_items_at_take_total = 0
+        self.queued_chunks = 0
+        self.queue_ms_total = 0.0
 
     def record(self, requests: int, items: int, model_ms: float) -> None:
         self.batches += 1
@@ -258,6 +264,11 @@ class BatchStats:
         self.sizes[items] += 1
         self.model_ms.append(model_ms)
         self.model_ms_total += model_ms
+
+    def record_take(self, waiting_items: int, call: Sequence[Waiting], now: float) -> None:
+        self.waiting_items_at_take_total += waiting_items
+        self.queued_chunks += len(call)
+        self.queue_ms_total += sum(now - w.since for w in call) * 1e3
 
     def record_handler(self, ms: float) -> None:
         self.handled += 1
@@ -278,6 +289,9 @@ class BatchStats:
             "model_call_ms_total": self.model_ms_total,
             "handled": self.handled,
             "handler_ms_total": self.handler_ms_total,
+            "waiting_items_at_take_total": self.waiting_items_at_take_total,
+            "queued_chunks": self.queued_chunks,
+            "queue_ms_total": self.queue_ms_total,
         }
 
 
@@ -359,12 +373,12 @@ class ScoringService:
                 413, f"items: {len(req.items)} items, at most {lim.max_items} per request"
             )
         for i, item in enumerate(req.items):
-            for field in ("query", "ad_title", "ad_description"):
-                text = getattr(item, field)
+            for name in ("query", "ad_title", "ad_description"):
+                text = getattr(item, name)
                 if text is not None and len(text) > lim.max_text_chars:
                     raise ServiceError(
                         413,
-                        f"items[{i}].{field}: {len(text)} characters, at most {lim.max_text_chars}",
+                        f"items[{i}].{name}: {len(text)} characters, at most {lim.max_text_chars}",
                     )
 
     def chunks(self, scorer: Any, req: ScoreRequest) -> list[Chunk]:
@@ -397,16 +411,20 @@ class ScoringService:
         self._waiting.extend(mine)
         while not all(w.taken for w in mine):
             async with self._model_slots:
-                call = self._take(self._share())
+                waiting = self._waiting_items()
+                call = self._take(self._share(waiting))
                 if call:
+                    self.stats.record_take(waiting, call, time.perf_counter())
                     await self._run(call)
         return [await w.result for w in mine]
 
-    def _share(self) -> int:
+    def _waiting_items(self) -> int:
+        return sum(len(w.chunk.queries) for w in self._waiting)
+
+    def _share(self, waiting: int) -> int:
         """Items one model call takes: the waiting items split over the model slots, at most
         max_batch_size. A slot that took everything would leave the other slots the stragglers:
         the requests in its call would all wait for the longest call, the others pass."""
-        waiting = sum(len(w.chunk.queries) for w in self._waiting)
         slots = self.cfg.batching.max_concurrent_batches
         return max(1, min(self.cfg.batching.max_batch_size, -(-waiting // slots)))
 

@@ -367,6 +367,13 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, sl
     sizes = service.stats.sizes
     assert sum(k * v for k, v in sizes.items()) == len(rows)
     assert max(sizes) == largest_call, dict(sizes)
+    # The queue in front of the slots, as /v1/stats reports it: every chunk was taken once
+    # after waiting at least the 50 ms the slots were held; the first call saw all 13 waiting.
+    snap = service.stats.snapshot()
+    assert snap["queued_chunks"] == len(rows)
+    assert snap["queue_ms_total"] >= 50 * len(rows)
+    calls = snap["batches"]
+    assert len(rows) + (calls - 1) <= snap["waiting_items_at_take_total"] <= len(rows) * calls
 
 
 def test_scores_equal_the_scorers_in_item_order(service, registry):
