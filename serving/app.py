@@ -225,7 +225,6 @@ class Waiting:
 
     chunk: Chunk
     result: asyncio.Future
-    taken: bool = False
     since: float = field(default_factory=time.perf_counter)
 
 
@@ -310,7 +309,8 @@ class ScoringService:
         self._watcher: asyncio.Task | None = None
         b = cfg.batching
         self._waiting: deque[Waiting] = deque()
-        self._model_slots = asyncio.Semaphore(b.max_concurrent_batches)
+        self._free_slots = b.max_concurrent_batches  # model slots without a call running
+        self._calls: set[asyncio.Task] = set()
         self._batched_in_flight = 0  # requests on their way through Serve's batch queue
         # Decorated per instance so that every batching setting comes from the config. Serve
         # hands over the batches it forms (about one per admitted request at most); the model slots
@@ -362,7 +362,7 @@ class ScoringService:
         return (
             self.cfg.batching.batch_wait_ms == 0
             and not self._waiting
-            and not self._model_slots.locked()
+            and self._free_slots > 0
             and self._batched_in_flight == 0
         )
 
@@ -402,21 +402,38 @@ class ScoringService:
 
         Serve closes a batch as soon as its wait is over and queues it while the model is
         busy, so under load a train of small batches would form. Here batches wait for a
-        model slot together, and whoever gets the slot takes the oldest waiting chunks, its
-        share of them over the slots (`_share`): an idle replica scores at once, a busy one
-        merges what waits. The model calls run off the event loop.
+        model slot together: whenever a slot is free, a call takes the oldest waiting chunks,
+        its share of them over the slots (`_share`). An idle replica scores at once, a busy one
+        merges what waits. A request only waits for its own results, never for a call that
+        carries other requests' chunks. The model calls run off the event loop.
         """
         loop = asyncio.get_running_loop()
         mine = [Waiting(c, loop.create_future()) for c in chunks]
         self._waiting.extend(mine)
-        while not all(w.taken for w in mine):
-            async with self._model_slots:
-                waiting = self._waiting_items()
-                call = self._take(self._share(waiting))
-                if call:
-                    self.stats.record_take(waiting, call, time.perf_counter())
-                    await self._run(call)
+        self._start_calls()
         return [await w.result for w in mine]
+
+    def _start_calls(self) -> None:
+        """Start a model call on every free slot while chunks wait."""
+        while self._waiting and self._free_slots > 0:
+            waiting = self._waiting_items()
+            call = self._take(self._share(waiting))
+            self.stats.record_take(waiting, call, time.perf_counter())
+            self._free_slots -= 1
+            task = asyncio.get_running_loop().create_task(self._call(call))
+            self._calls.add(task)  # a reference until it ends: the loop holds tasks weakly
+            task.add_done_callback(self._calls.discard)
+
+    async def _call(self, call: list[Waiting]) -> None:
+        try:
+            await self._run(call)
+        except asyncio.CancelledError:  # the replica shutting down: nobody waits forever
+            for w in call:
+                w.result.cancel()
+            raise
+        finally:
+            self._free_slots += 1
+            self._start_calls()
 
     def _waiting_items(self) -> int:
         return sum(len(w.chunk.queries) for w in self._waiting)
@@ -434,7 +451,6 @@ class ScoringService:
         n = 0
         while self._waiting and (not out or n + len(self._waiting[0].chunk.queries) <= max_items):
             w = self._waiting.popleft()
-            w.taken = True
             n += len(w.chunk.queries)
             out.append(w)
         return out

@@ -346,8 +346,7 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, sl
     rows = items(13, seed=3)
 
     async def run() -> list:
-        for _ in range(slots):
-            await service._model_slots.acquire()
+        service._free_slots = 0  # every slot busy
         calls = [
             asyncio.create_task(
                 service._score_batch(
@@ -358,8 +357,8 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, sl
         ]
         await asyncio.sleep(0.05)  # every request is waiting for a slot
         assert len(service._waiting) == len(rows)
-        for _ in range(slots):
-            service._model_slots.release()
+        service._free_slots = slots  # the slots free up
+        service._start_calls()
         return [(await c)[0] for c in calls]
 
     got = np.concatenate(asyncio.run(run()))
@@ -374,6 +373,43 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, sl
     assert snap["queue_ms_total"] >= 50 * len(rows)
     calls = snap["batches"]
     assert len(rows) + (calls - 1) <= snap["waiting_items_at_take_total"] <= len(rows) * calls
+
+
+def test_a_request_answers_when_its_own_call_ends(export_v1):
+    """A request answers as soon as the call holding its chunk ends: it never waits for, or
+    runs, a later call that carries only other requests' chunks. One slot, calls of two;
+    A, B and C wait while the slot is busy. The first call takes A and B, the next C: B
+    answers after one call, not two."""
+    from serving.app import Chunk, ScoringService, load_models
+    from serving.config import ServeConfig
+
+    batching = {"max_batch_size": 2, "max_concurrent_batches": 1, "batch_wait_ms": 0}
+    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
+    service = ScoringService(cfg, load_models(cfg))
+    scorer = service.models.scorers["search"]
+    rows = items(3, seed=5)
+    calls_done_when_answered: dict[str, int] = {}
+
+    async def one(name: str, r: dict) -> np.ndarray:
+        chunk = Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]])
+        out = (await service._score_batch([chunk]))[0]
+        calls_done_when_answered[name] = service.stats.batches
+        return out
+
+    async def run() -> list:
+        service._free_slots = 0  # the slot is busy
+        tasks = [asyncio.create_task(one(n, r)) for n, r in zip("ABC", rows)]
+        await asyncio.sleep(0.05)
+        assert len(service._waiting) == 3
+        service._free_slots = 1
+        service._start_calls()
+        return [await t for t in tasks]
+
+    got = np.concatenate(asyncio.run(run()))
+    np.testing.assert_allclose(got, reference(scorer, rows), atol=1e-6)
+    assert dict(service.stats.sizes) == {2: 1, 1: 1}
+    assert calls_done_when_answered == {"A": 1, "B": 1, "C": 2}
+    assert not service._calls and service._free_slots == 1
 
 
 def test_scores_equal_the_scorers_in_item_order(service, registry):
