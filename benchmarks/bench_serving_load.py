@@ -474,6 +474,10 @@ def main() -> None:
             # The queue in front of the model slots: a chunk's wait there, and the items
             # waiting when a call was taken (what `_share` split).
             res["queue_ms"] = mean_between(before, after, "queue_ms_total", "queued_chunks")
+            # The call a request's chunk rode in (a long call holds more of them than the
+            # mean over calls says).
+            res["own_call_ms"] = mean_between(before, after, "chunk_call_ms_total", "requests")
+            res["batcher_ms"] = mean_between(before, after, "batcher_ms_total", "batcher_chunks")
             res["waiting_at_take"] = mean_between(
                 before, after, "waiting_items_at_take_total", "batches"
             )
@@ -487,7 +491,9 @@ def main() -> None:
                 f"mean batch={res['mean_batch']:.2f} errors={res['errors']} "
                 f"client cpu={res['client_cpu_ms']:.2f} ms/req | mean latency "
                 f"{res['mean_ms']:.2f} ms, in the handler {res['handler_ms']:.2f} ms, "
-                f"model call {res['model_call_ms']:.2f} ms, queued for a slot "
+                f"model call {res['model_call_ms']:.2f} ms (a chunk's own "
+                f"{res['own_call_ms']:.2f} ms), in Serve's batcher "
+                f"{res['batcher_ms']:.2f} ms, queued for a slot "
                 f"{res['queue_ms']:.2f} ms ({res['waiting_at_take']:.1f} items waiting at a take)",
                 flush=True,
             )
@@ -551,8 +557,10 @@ def main() -> None:
         "mean_batch_items_c16": round(c16_items / max(1, c16_batches), 2),
         # Where a c16 request's time goes in the batched replica (means over the rounds).
         "handler_ms_c16_batched": round(med("batched", 16, "handler_ms"), 2),
+        "batcher_ms_c16_batched": round(med("batched", 16, "batcher_ms"), 2),
         "queue_ms_c16_batched": round(med("batched", 16, "queue_ms"), 2),
         "model_call_ms_c16_batched": round(med("batched", 16, "model_call_ms"), 2),
+        "own_call_ms_c16_batched": round(med("batched", 16, "own_call_ms"), 2),
         "waiting_at_take_c16_batched": round(med("batched", 16, "waiting_at_take"), 2),
         "max_batch_items": stats["max_batch_items"],
         "errors": sum(x["errors"] for rs in runs.values() for x in rs),

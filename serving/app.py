@@ -217,6 +217,7 @@ class Chunk(NamedTuple):
     queries: list[str]
     titles: list[str]
     descriptions: list[str | None] | None
+    created: float = 0.0  # perf_counter when the request made it
 
 
 @dataclass(eq=False)
@@ -248,6 +249,7 @@ class BatchStats:
         self.handler_ms: deque[float] = deque(maxlen=window)
         # Running totals: differences of two snapshots give the means over the requests between.
         self.model_ms_total = 0.0
+        self.chunk_call_ms_total = 0.0
         self.handled = 0
         self.handler_ms_total = 0.0
         # The queue in front of the model slots: items waiting when a call is taken (summed
@@ -255,6 +257,10 @@ class BatchStats:
         self.waiting_items_at_take_total = 0
         self.queued_chunks = 0
         self.queue_ms_total = 0.0
+        # Before that queue: from the request making a chunk to the batch body receiving it
+        # (Serve's batch queue and the event loop's hops).
+        self.batcher_chunks = 0
+        self.batcher_ms_total = 0.0
 
     def record(self, requests: int, items: int, model_ms: float) -> None:
         self.batches += 1
@@ -263,6 +269,7 @@ class BatchStats:
         self.sizes[items] += 1
         self.model_ms.append(model_ms)
         self.model_ms_total += model_ms
+        self.chunk_call_ms_total += model_ms * requests  # each chunk's own call, summed
 
     def record_take(self, waiting_items: int, call: Sequence[Waiting], now: float) -> None:
         self.waiting_items_at_take_total += waiting_items
@@ -286,11 +293,14 @@ class BatchStats:
             "model_call_ms_p50": _median(self.model_ms),
             "handler_ms_p50": _median(self.handler_ms),
             "model_call_ms_total": self.model_ms_total,
+            "chunk_call_ms_total": self.chunk_call_ms_total,
             "handled": self.handled,
             "handler_ms_total": self.handler_ms_total,
             "waiting_items_at_take_total": self.waiting_items_at_take_total,
             "queued_chunks": self.queued_chunks,
             "queue_ms_total": self.queue_ms_total,
+            "batcher_chunks": self.batcher_chunks,
+            "batcher_ms_total": self.batcher_ms_total,
         }
 
 
@@ -393,6 +403,7 @@ class ScoringService:
                     [it.query for it in items],
                     [it.ad_title for it in items],
                     descs if any(d is not None for d in descs) else None,
+                    time.perf_counter(),
                 )
             )
         return out
@@ -409,6 +420,9 @@ class ScoringService:
         """
         loop = asyncio.get_running_loop()
         mine = [Waiting(c, loop.create_future()) for c in chunks]
+        made = [w for w in mine if w.chunk.created]  # chunks made by a request
+        self.stats.batcher_chunks += len(made)
+        self.stats.batcher_ms_total += sum(w.since - w.chunk.created for w in made) * 1e3
         self._waiting.extend(mine)
         self._start_calls()
         return [await w.result for w in mine]
