@@ -270,6 +270,10 @@ def summarize(latencies: list[float], wall: float, errors: int = 0) -> dict[str,
     }
 
 
+# The per-phase split of a request's time in the replica, as the JSON line names it.
+SPLIT = ("handler_ms", "batcher_ms", "queue_ms", "model_call_ms", "own_call_ms", "waiting_at_take")
+
+
 def mean_between(before: dict, after: dict, total: str, count: str) -> float:
     """Mean of a /v1/stats running total over what happened between two snapshots."""
     return (after[total] - before[total]) / max(1, after[count] - before[count])
@@ -555,13 +559,8 @@ def main() -> None:
         "client": args.client,
         "client_cpu_ms_per_request_c16": round(med("batched", 16, "client_cpu_ms"), 3),
         "mean_batch_items_c16": round(c16_items / max(1, c16_batches), 2),
-        # Where a c16 request's time goes in the batched replica (means over the rounds).
-        "handler_ms_c16_batched": round(med("batched", 16, "handler_ms"), 2),
-        "batcher_ms_c16_batched": round(med("batched", 16, "batcher_ms"), 2),
-        "queue_ms_c16_batched": round(med("batched", 16, "queue_ms"), 2),
-        "model_call_ms_c16_batched": round(med("batched", 16, "model_call_ms"), 2),
-        "own_call_ms_c16_batched": round(med("batched", 16, "own_call_ms"), 2),
-        "waiting_at_take_c16_batched": round(med("batched", 16, "waiting_at_take"), 2),
+        # Where a c16 request's time goes in the batched replica (medians over the rounds).
+        **{f"{key}_c16_batched": round(med("batched", 16, key), 2) for key in SPLIT},
         "max_batch_items": stats["max_batch_items"],
         "errors": sum(x["errors"] for rs in runs.values() for x in rs),
         "requests_per_phase": args.requests,
