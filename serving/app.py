@@ -30,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import ray
@@ -210,14 +210,15 @@ def load_models(cfg: ServeConfig) -> ModelSet:
     return ModelSet(dict(scorers), cfg.model, time.time(), state)
 
 
-class Chunk(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class Chunk:
     """Part of one request (at most max_batch_size items) for one Scorer: a batch element."""
 
     scorer: Any
     queries: list[str]
     titles: list[str]
     descriptions: list[str | None] | None
-    created: float = 0.0  # perf_counter when the request made it
+    created: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(eq=False)
@@ -403,7 +404,6 @@ class ScoringService:
                     [it.query for it in items],
                     [it.ad_title for it in items],
                     descs if any(d is not None for d in descs) else None,
-                    time.perf_counter(),
                 )
             )
         return out
@@ -420,9 +420,8 @@ class ScoringService:
         """
         loop = asyncio.get_running_loop()
         mine = [Waiting(c, loop.create_future()) for c in chunks]
-        made = [w for w in mine if w.chunk.created]  # chunks made by a request
-        self.stats.batcher_chunks += len(made)
-        self.stats.batcher_ms_total += sum(w.since - w.chunk.created for w in made) * 1e3
+        self.stats.batcher_chunks += len(mine)
+        self.stats.batcher_ms_total += sum(w.since - w.chunk.created for w in mine) * 1e3
         self._waiting.extend(mine)
         self._start_calls()
         return [await w.result for w in mine]
@@ -450,7 +449,7 @@ class ScoringService:
             self._start_calls()
 
     def _waiting_items(self) -> int:
-        return sum(len(w.chunk.queries) for w in self._waiting)
+        return chunk_items([w.chunk for w in self._waiting])
 
     def _share(self, waiting: int) -> int:
         """Items one model call takes: the waiting items split over the model slots, at most

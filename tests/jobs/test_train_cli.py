@@ -18,6 +18,7 @@ import yaml
 from jobs.cli import main
 from tests.pipeline.test_ray_train import (
     STALE_UPLOAD,
+    plant_stale_upload,
     registered_checkpoints,
     write_keyword_tasks,
 )
@@ -153,8 +154,7 @@ def test_sigkilled_driver_resumes_with_same_run_name(
             _reap(started)
     assert first.returncode == -signal.SIGKILL
     # What a kill between a checkpoint's upload and its registration leaves in storage.
-    (run_dir / STALE_UPLOAD).mkdir()
-    (run_dir / STALE_UPLOAD / "model.safetensors").write_bytes(b"partial")
+    plant_stale_upload(run_dir)
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     out = second.stdout + second.stderr

@@ -145,6 +145,11 @@ def registered_checkpoints(run_dir: Path) -> list[str]:
 STALE_UPLOAD = "checkpoint-0000015-5ta1e0"
 
 
+def plant_stale_upload(run_dir: Path) -> None:
+    (run_dir / STALE_UPLOAD).mkdir()
+    (run_dir / STALE_UPLOAD / "model.safetensors").write_bytes(b"partial")
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> threading.Thread:
     def watch():
         deadline = time.time() + 600
@@ -154,8 +159,7 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> t
                 if workers:
                     workers[-1].send_signal(signal.SIGKILL)
                     killed.append(workers[-1].pid)
-                    (run_dir / STALE_UPLOAD).mkdir()
-                    (run_dir / STALE_UPLOAD / "model.safetensors").write_bytes(b"partial")
+                    plant_stale_upload(run_dir)
             time.sleep(0.02)
 
     t = threading.Thread(target=watch, daemon=True)
