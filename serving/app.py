@@ -10,7 +10,8 @@
 
 Concurrent requests are gathered by `@serve.batch`; batches that wait for a busy model are
 merged into its next calls (each takes its share of the waiting items over the model slots, at
-most max_batch_size items, one ORT run per task). A request
+most max_batch_size items, one ORT run per task). A request answers as soon as the calls
+holding its own items end, whatever else its batch or those calls carry. A request
 that finds the replica idle (nothing waiting, a model slot free, no batch wait configured)
 is scored at once, past Serve's batch queue. A replica
 holds one `ModelSet` (a Scorer per task); a reload builds the new set beside it and swaps the
@@ -322,6 +323,7 @@ class ScoringService:
         self._waiting: deque[Waiting] = deque()
         self._free_slots = b.max_concurrent_batches  # model slots without a call running
         self._calls: set[asyncio.Task] = set()
+        self._running_items = 0  # items in the model calls running now
         self._batched_in_flight = 0  # requests on their way through Serve's batch queue
         # Decorated per instance so that every batching setting comes from the config. Serve
         # hands over the batches it forms (about one per admitted request at most); the model slots
@@ -345,17 +347,19 @@ class ScoringService:
             return {"task": req.task, "model_version": str(scorer.model_version), "scores": []}
         chunks = self.chunks(scorer, req)
         if self._idle():
-            # Nothing to gather with: score at once, without the hops through Serve's batch
-            # queue (about a millisecond on a small CPU host). Requests that arrive meanwhile
-            # find the model busy and go through the batcher as usual.
+            # Nothing to gather with: queue for a model slot at once, without the hops through
+            # Serve's batch queue (about a millisecond on a small CPU host). Requests that
+            # arrive meanwhile find the model busy and go through the batcher as usual.
             self.stats.idle_requests += 1
-            parts = await self._score_batch(chunks)
+            futures = self._enqueue(chunks)
         else:
             self._batched_in_flight += 1
             try:
-                parts = await asyncio.gather(*(self._batched(c) for c in chunks))
+                futures = await asyncio.gather(*(self._batched(c) for c in chunks))
             finally:
                 self._batched_in_flight -= 1
+        # Only this request's chunks: it answers when the calls holding them end.
+        parts = await asyncio.gather(*futures)
         for p in parts:
             if isinstance(p, BaseException):
                 raise p
@@ -408,15 +412,25 @@ class ScoringService:
             )
         return out
 
-    async def _score_batch(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:
-        """The `@serve.batch` body: score a batch, merged with every batch waiting beside it.
+    async def _score_batch(self, chunks: list[Chunk]) -> list[asyncio.Future]:
+        """The `@serve.batch` body: hand a batch's chunks to the model slots and return at
+        once, a future per chunk, which each request awaits itself.
+
+        Serve answers the callers of a batch only when its body returns. A body that awaited
+        its chunks' results would hold every request of the batch until the last call
+        carrying any of them ended, though the slots split a batch over several calls.
+        """
+        return self._enqueue(chunks)
+
+    def _enqueue(self, chunks: Sequence[Chunk]) -> list[asyncio.Future]:
+        """Queue chunks for the model slots and start a call on every free slot.
 
         Serve closes a batch as soon as its wait is over and queues it while the model is
-        busy, so under load a train of small batches would form. Here batches wait for a
+        busy, so under load a train of small batches would form. Here chunks wait for a
         model slot together: whenever a slot is free, a call takes the oldest waiting chunks,
         its share of them over the slots (`_share`). An idle replica scores at once, a busy one
-        merges what waits. A request only waits for its own results, never for a call that
-        carries other requests' chunks. The model calls run off the event loop.
+        merges what waits. The model calls run off the event loop; a future per chunk holds
+        its scores (an exception when its Scorer failed).
         """
         loop = asyncio.get_running_loop()
         mine = [Waiting(c, loop.create_future()) for c in chunks]
@@ -424,15 +438,18 @@ class ScoringService:
         self.stats.batcher_ms_total += sum(w.since - w.chunk.created for w in mine) * 1e3
         self._waiting.extend(mine)
         self._start_calls()
-        return [await w.result for w in mine]
+        return [w.result for w in mine]
 
     def _start_calls(self) -> None:
         """Start a model call on every free slot while chunks wait."""
+        if any(w.result.done() for w in self._waiting):  # their requests went away
+            self._waiting = deque(w for w in self._waiting if not w.result.done())
         while self._waiting and self._free_slots > 0:
             waiting = self._waiting_items()
             call = self._take(self._share(waiting))
             self.stats.record_take(waiting, call, time.perf_counter())
             self._free_slots -= 1
+            self._running_items += chunk_items([w.chunk for w in call])
             task = asyncio.get_running_loop().create_task(self._call(call))
             self._calls.add(task)  # a reference until it ends: the loop holds tasks weakly
             task.add_done_callback(self._calls.discard)
@@ -446,17 +463,25 @@ class ScoringService:
             raise
         finally:
             self._free_slots += 1
+            self._running_items -= chunk_items([w.chunk for w in call])
             self._start_calls()
 
     def _waiting_items(self) -> int:
         return chunk_items([w.chunk for w in self._waiting])
 
     def _share(self, waiting: int) -> int:
-        """Items one model call takes: the waiting items split over the model slots, at most
-        max_batch_size. A slot that took everything would leave the other slots the stragglers:
-        the requests in its call would all wait for the longest call, the others pass."""
+        """Items one model call takes: its share of the items in the model's hands, waiting
+        and in the calls running now, over the model slots (at most max_batch_size).
+
+        A slot that took everything would leave the other slots the stragglers: one long call
+        holding most requests beside short ones, and the requests in it all wait for the
+        longest call. A slot that took only its share of what waits would leave requests
+        behind for a slot busy with a long call. So the free slot evens the calls out: 13
+        waiting, 2 idle slots: 7, then 6; 2 waiting beside a call of 6: both.
+        """
         slots = self.cfg.batching.max_concurrent_batches
-        return max(1, min(self.cfg.batching.max_batch_size, -(-waiting // slots)))
+        share = -(-(waiting + self._running_items) // slots)
+        return max(1, min(self.cfg.batching.max_batch_size, share))
 
     def _take(self, max_items: int) -> list[Waiting]:
         """The oldest waiting chunks, at most max_items items (at least one chunk)."""

@@ -359,7 +359,7 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, sl
         assert len(service._waiting) == len(rows)
         service._free_slots = slots  # the slots free up
         service._start_calls()
-        return [(await c)[0] for c in calls]
+        return [await (await c)[0] for c in calls]
 
     got = np.concatenate(asyncio.run(run()))
     np.testing.assert_allclose(got, reference(scorer, rows), atol=1e-6)
@@ -373,6 +373,34 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, sl
     assert snap["queue_ms_total"] >= 50 * len(rows)
     calls = snap["batches"]
     assert len(rows) + (calls - 1) <= snap["waiting_items_at_take_total"] <= len(rows) * calls
+
+
+def test_a_free_slot_beside_a_long_call_takes_every_waiting_request(export_v1):
+    """Two slots; one runs a call of 6 items while 2 requests wait. The free slot takes both:
+    its share of the 8 items in the model's hands is 4. (A share of what waits alone, 1, left
+    a request behind for the slot busy with the long call.)"""
+    from serving.app import Chunk, ScoringService, load_models
+    from serving.config import ServeConfig
+
+    batching = {"max_batch_size": 16, "max_concurrent_batches": 2, "batch_wait_ms": 0}
+    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
+    service = ScoringService(cfg, load_models(cfg))
+    scorer = service.models.scorers["search"]
+    rows = items(2, seed=11)
+
+    async def run() -> list:
+        service._free_slots = 0
+        futures = service._enqueue(
+            [Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]]) for r in rows]
+        )
+        service._free_slots, service._running_items = 1, 6  # the other slot: a call of 6
+        service._start_calls()
+        return list(await asyncio.gather(*futures))
+
+    got = np.concatenate(asyncio.run(run()))
+    np.testing.assert_allclose(got, reference(scorer, rows), atol=1e-6)
+    assert dict(service.stats.sizes) == {2: 1}
+    assert service._running_items == 6 and service._free_slots == 1
 
 
 def test_a_request_answers_when_its_own_call_ends(export_v1):
@@ -392,7 +420,7 @@ def test_a_request_answers_when_its_own_call_ends(export_v1):
 
     async def one(name: str, r: dict) -> np.ndarray:
         chunk = Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]])
-        out = (await service._score_batch([chunk]))[0]
+        out = await (await service._score_batch([chunk]))[0]
         calls_done_when_answered[name] = service.stats.batches
         return out
 
@@ -410,6 +438,74 @@ def test_a_request_answers_when_its_own_call_ends(export_v1):
     assert dict(service.stats.sizes) == {2: 1, 1: 1}
     assert calls_done_when_answered == {"A": 1, "B": 1, "C": 2}
     assert not service._calls and service._free_slots == 1
+
+
+def test_requests_of_one_serve_batch_answer_when_their_own_calls_end(export_v1):
+    """Serve's batcher hands A, B and C over as one batch while the model slot is busy; the
+    slot's calls hold two items, so A and B go in the first call and C in the next. Serve
+    answers a batch's callers only when its body returns: the body returns at once, a future
+    per chunk, and A and B are answered after the first call. (A body that awaited its
+    chunks' calls held A and B until C's call ended.)"""
+    from serving.app import Chunk, ScoringService, load_models
+    from serving.config import ServeConfig
+
+    batching = {"max_batch_size": 2, "max_concurrent_batches": 1, "batch_wait_ms": 0}
+    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
+    service = ScoringService(cfg, load_models(cfg))
+    scorer = service.models.scorers["search"]
+    rows = items(3, seed=7)
+    chunks = [Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]]) for r in rows]
+    calls_done_when_answered: dict[str, int] = {}
+
+    async def run() -> list:
+        service._free_slots = 0  # the slot is busy
+        body = asyncio.create_task(service._score_batch(chunks))  # as Serve calls it
+        await asyncio.sleep(0.05)
+        assert body.done(), "the batch body waited for the model"
+        futures = body.result()
+        for name, f in zip("ABC", futures):
+            f.add_done_callback(
+                lambda _, n=name: calls_done_when_answered.setdefault(n, service.stats.batches)
+            )
+        service._free_slots = 1
+        service._start_calls()
+        return list(await asyncio.gather(*futures))
+
+    got = np.concatenate(asyncio.run(run()))
+    np.testing.assert_allclose(got, reference(scorer, rows), atol=1e-6)
+    assert dict(service.stats.sizes) == {2: 1, 1: 1}
+    assert calls_done_when_answered == {"A": 1, "B": 1, "C": 2}
+
+
+def test_a_request_that_went_away_is_not_scored(export_v1):
+    """A request cancelled (its client went away) while its chunk waits for a slot: its chunk
+    leaves the queue unscored, and the others are scored as usual."""
+    from serving.app import Chunk, ScoringService, load_models
+    from serving.config import ServeConfig
+
+    batching = {"max_batch_size": 4, "max_concurrent_batches": 1, "batch_wait_ms": 0}
+    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
+    service = ScoringService(cfg, load_models(cfg))
+    scorer = service.models.scorers["search"]
+    rows = items(3, seed=9)
+
+    async def one(r: dict) -> np.ndarray:
+        chunk = Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]])
+        return await (await service._score_batch([chunk]))[0]
+
+    async def run() -> list:
+        service._free_slots = 0
+        tasks = [asyncio.create_task(one(r)) for r in rows]
+        await asyncio.sleep(0.05)
+        tasks[1].cancel()
+        await asyncio.sleep(0)
+        service._free_slots = 1
+        service._start_calls()
+        return [await tasks[0], await tasks[2]]
+
+    got = np.concatenate(asyncio.run(run()))
+    np.testing.assert_allclose(got, reference(scorer, [rows[0], rows[2]]), atol=1e-6)
+    assert service.stats.items == 2 and not service._waiting
 
 
 def test_scores_equal_the_scorers_in_item_order(service, registry):
