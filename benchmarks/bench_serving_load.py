@@ -328,11 +328,14 @@ def replica_ports(candidates: range, apps: list[str], wait_s: float = 60.0) -> d
     return found
 
 
-def bare_scorer(scorer, items: list[dict], n: int, rows: int = 1, callers: int = 1) -> dict:
+def bare_scorer(
+    scorer, items: list[dict], n: int, rows: int = 1, callers: int = 1, solo: bool = False
+) -> dict:
     """The Scorer alone in this process (built with the ORT settings the replicas use):
     `callers` threads (a replica's model slots) share n calls of `rows` items. One caller,
-    one row: the floor under the service's latency. Several callers with full batches: the
-    most the model gives on this machine (items/s)."""
+    one row: the floor under the service's latency (on the solo session, as a replica runs a
+    call alone). Several callers with full batches: the most the model gives on this machine
+    (items/s)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def call(i: int) -> float:
@@ -342,6 +345,7 @@ def bare_scorer(scorer, items: list[dict], n: int, rows: int = 1, callers: int =
             [x["query"] for x in its],
             [x["ad_title"] for x in its],
             [x["ad_description"] for x in its],
+            solo=solo,
         )
         return time.perf_counter() - t0
 
@@ -369,6 +373,12 @@ def main() -> None:
         choices=("on", "off"),
         default=None,
         help="ORT thread spinning in the replicas (default: the service's default)",
+    )
+    ap.add_argument(
+        "--solo-session",
+        choices=("on", "off"),
+        default=None,
+        help="a second ORT session for calls that run alone (default: the service's default)",
     )
     ap.add_argument(
         "--concurrent-batches",
@@ -416,6 +426,7 @@ def main() -> None:
         "model": model,
         "intra_op_threads": args.threads,
         **({"ort_spin_wait": args.spin_wait == "on"} if args.spin_wait else {}),
+        **({"solo_session": args.solo_session == "on"} if args.solo_session else {}),
         "num_cpus_per_replica": 0,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
     }
@@ -447,7 +458,10 @@ def main() -> None:
 
     info = get_json(port, "/batched/v1/tasks")
     task = args.task or sorted(info["tasks"])[0]
-    bare_model = load_scorers(model, tasks=[task], intra_op_threads=threads, spin_wait=spin)[task]
+    solo_threads = ref.ort_solo_threads()
+    bare_model = load_scorers(
+        model, tasks=[task], intra_op_threads=threads, spin_wait=spin, solo_threads=solo_threads
+    )[task]
     items = make_items(512)
     bodies = [json.dumps({"task": task, "items": [it]}).encode() for it in items]
 
@@ -508,7 +522,7 @@ def main() -> None:
             floor = load(at, "/echo/v1/score", bodies, 1, args.requests, args.time_limit)
             runs_of.append(floor)
             print(f"round {r} serve floor {what:6s}: p50={floor['p50_ms']:.2f} ms (a no-op app)")
-        bare = bare_scorer(bare_model, items, args.requests)
+        bare = bare_scorer(bare_model, items, args.requests, solo=True)
         bare_runs.append(bare)
         full = bare_scorer(bare_model, items, 32, args.batch_size, slots)
         capacity_runs.append(full["items_per_s"])
@@ -568,6 +582,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "batch_wait_ms": args.batch_wait_ms,
         "intra_op_threads": threads,
+        "solo_threads": solo_threads,
         "max_concurrent_batches": slots,
         "ort_spin_wait": args.spin_wait,
         "cpus": os.cpu_count(),

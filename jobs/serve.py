@@ -107,6 +107,13 @@ def register(subparsers) -> None:
         type=int,
         help="ONNX Runtime threads per model call (default: the cores / --max-concurrent-batches)",
     )
+    p.add_argument(
+        "--no-solo-session",
+        dest="solo_session",
+        action="store_false",
+        help="no second ORT session per task for calls that run alone (saves a copy of the "
+        "weights in memory; a lone call then gets one model slot's threads)",
+    )
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: env, else workdir)")
@@ -137,6 +144,7 @@ def build_config(args: argparse.Namespace):
         replicas=args.replicas,
         num_cpus_per_replica=args.num_cpus_per_replica,
         intra_op_threads=args.intra_op_threads,
+        solo_session=args.solo_session,
         max_ongoing_requests=args.max_ongoing_requests,
         reload_interval_s=args.reload_interval,
         access_log=args.access_log,

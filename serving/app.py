@@ -205,6 +205,7 @@ def load_models(cfg: ServeConfig) -> ModelSet:
         intra_op_threads=cfg.ort_threads(),
         tracking_uri=cfg.tracking_uri,
         spin_wait=cfg.ort_spin_wait,
+        solo_threads=cfg.ort_solo_threads(),
     )
     if not scorers:
         raise ValueError(f"the model source {cfg.model!r} holds no task models")
@@ -245,6 +246,7 @@ class BatchStats:
         self.batches = 0
         self.requests = 0
         self.idle_requests = 0  # scored at once on an idle replica, past Serve's batch queue
+        self.solo_calls = 0  # model calls that ran alone, on the solo sessions where present
         self.items = 0
         self.sizes: Counter[int] = Counter()
         self.model_ms: deque[float] = deque(maxlen=window)
@@ -288,6 +290,7 @@ class BatchStats:
             "batches": self.batches,
             "requests": self.requests,
             "idle_requests": self.idle_requests,
+            "solo_calls": self.solo_calls,
             "items": self.items,
             "max_batch_items": max(self.sizes, default=0),
             "mean_batch_items": self.items / self.batches if self.batches else 0.0,
@@ -448,15 +451,20 @@ class ScoringService:
             waiting = self._waiting_items()
             call = self._take(self._share(waiting))
             self.stats.record_take(waiting, call, time.perf_counter())
+            # Alone: no other call runs and nothing is left waiting for one (the solo session,
+            # with the threads of the idle slots).
+            slots = self.cfg.batching.max_concurrent_batches
+            solo = self._free_slots == slots and not self._waiting
+            self.stats.solo_calls += solo
             self._free_slots -= 1
             self._running_items += chunk_items([w.chunk for w in call])
-            task = asyncio.get_running_loop().create_task(self._call(call))
+            task = asyncio.get_running_loop().create_task(self._call(call, solo))
             self._calls.add(task)  # a reference until it ends: the loop holds tasks weakly
             task.add_done_callback(self._calls.discard)
 
-    async def _call(self, call: list[Waiting]) -> None:
+    async def _call(self, call: list[Waiting], solo: bool = False) -> None:
         try:
-            await self._run(call)
+            await self._run(call, solo)
         except asyncio.CancelledError:  # the replica shutting down: nobody waits forever
             for w in call:
                 w.result.cancel()
@@ -493,10 +501,10 @@ class ScoringService:
             out.append(w)
         return out
 
-    async def _run(self, call: list[Waiting]) -> None:
+    async def _run(self, call: list[Waiting], solo: bool = False) -> None:
         t0 = time.perf_counter()
         try:
-            results = await asyncio.to_thread(score_chunks, [w.chunk for w in call])
+            results = await asyncio.to_thread(score_chunks, [w.chunk for w in call], solo)
         except Exception as e:  # score_chunks reports per chunk; this is the thread failing
             results = [e] * len(call)
         dt_ms = (time.perf_counter() - t0) * 1e3
@@ -573,8 +581,9 @@ def _no_batch_limit_warning(record: logging.LogRecord) -> bool:
     return "max_concurrent_batches` (" not in record.getMessage()
 
 
-def score_chunks(chunks: Sequence[Chunk]) -> list[np.ndarray | Exception]:
-    """Score every chunk, one model call per Scorer; a failing Scorer fails only its chunks."""
+def score_chunks(chunks: Sequence[Chunk], solo: bool = False) -> list[np.ndarray | Exception]:
+    """Score every chunk, one model call per Scorer; a failing Scorer fails only its chunks.
+    solo: the call runs alone (the Scorers' solo sessions, where they have one)."""
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(chunks):
         groups.setdefault(id(c.scorer), []).append(i)
@@ -588,7 +597,7 @@ def score_chunks(chunks: Sequence[Chunk]) -> list[np.ndarray | Exception]:
         if any(c.descriptions is not None for c in part):
             descs = [d for c in part for d in (c.descriptions or [None] * len(c.queries))]
         try:
-            scores = np.asarray(scorer.score(queries, titles, descs), dtype=np.float32)  # (n,)
+            scores = np.asarray(scorer.score(queries, titles, descs, solo=solo), dtype=np.float32)
         except Exception as e:
             logger.exception(
                 "adrel serve: scoring %d items for task %s failed", len(queries), scorer.task

@@ -129,6 +129,10 @@ class Scorer:
     model_version: label reported with scores (default: meta's model_version, a file hash;
         load_scorers sets `<name>/<version>` for registered models).
     batch_size: rows per ORT call in `logits`/`score`, at most.
+    solo_threads: on CPU, a second session with this many intra-op threads, for calls made
+        with `solo=True` (a serving replica's call that runs alone while its other model
+        slots are idle gets the cores they would use). It costs a second copy of the weights
+        in memory. None: one session.
     call_cost_tokens: the fixed cost of one ORT call, in padded tokens. `logits`/`score` split
         a batch (in length order) into calls where padding would cost more than another call
         (`length_groups`). Default: 16 on CPU (a short call costs little beyond its tokens),
@@ -146,6 +150,7 @@ class Scorer:
         batch_size: int = DEFAULT_BATCH,
         spin_wait: bool = True,
         call_cost_tokens: float | None = None,
+        solo_threads: int | None = None,
     ):
         self.task_dir = Path(task_dir)
         meta_path = self.task_dir / META_FILE
@@ -179,6 +184,15 @@ class Scorer:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self._cuda = self.providers[0] == CUDA
+        self.solo_session = None
+        if solo_threads and not self._cuda:
+            self.solo_session = make_session(
+                self.task_dir / files[self.variant],
+                [CPU],
+                solo_threads,
+                inter_op_threads,
+                spin_wait,
+            )
         if call_cost_tokens is None:
             call_cost_tokens = CALL_COST_TOKENS[CUDA if self._cuda else CPU]
         if not call_cost_tokens >= 0:
@@ -197,8 +211,9 @@ class Scorer:
         with self._tok_lock:
             return self.tokenizer.encode(queries, titles, descriptions)
 
-    def logits(self, queries, titles, descriptions=None) -> np.ndarray:
-        """(N,) float32 logits; rows go to ORT in length order, `batch_size` at a time."""
+    def logits(self, queries, titles, descriptions=None, solo: bool = False) -> np.ndarray:
+        """(N,) float32 logits; rows go to ORT in length order, `batch_size` at a time.
+        solo: run on the solo session when there is one (see the class docstring)."""
         queries, titles = list(queries), list(titles)
         if descriptions is not None:
             descriptions = list(descriptions)
@@ -212,18 +227,19 @@ class Scorer:
         out = np.empty(len(queries), dtype=np.float32)
         lengths = enc["attention_mask"].sum(1)
         for idx in call_rows(lengths, self.batch_size, self.call_cost_tokens):
-            out[idx] = self.score_tokens(**{k: v[idx] for k, v in enc.items()})
+            out[idx] = self.score_tokens(**{k: v[idx] for k, v in enc.items()}, solo=solo)
         return out
 
-    def score(self, queries, titles, descriptions=None) -> np.ndarray:
+    def score(self, queries, titles, descriptions=None, solo: bool = False) -> np.ndarray:
         """(N,) float32 relevance probabilities."""
-        return sigmoid(self.logits(queries, titles, descriptions))
+        return sigmoid(self.logits(queries, titles, descriptions, solo=solo))
 
     def score_tokens(
         self,
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         token_type_ids: np.ndarray | None = None,
+        solo: bool = False,
     ) -> np.ndarray:
         """(N,) float32 logits of a pre-tokenised batch (N, L); trimmed to its longest row."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -236,7 +252,8 @@ class Scorer:
         feed = {n: np.ascontiguousarray(batch[n], dtype=np.int64) for n in self.input_names}
         if self._cuda:
             return self._run_cuda(feed)
-        return self.session.run([self.output_name], feed)[0].astype(np.float32).reshape(-1)
+        sess = self.solo_session if solo and self.solo_session is not None else self.session
+        return sess.run([self.output_name], feed)[0].astype(np.float32).reshape(-1)
 
     def _run_cuda(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         # IO binding: inputs copied once to the device, the output allocated there and
@@ -322,6 +339,7 @@ def load_scorers(
     inter_op_threads: int | None = None,
     tracking_uri: str | None = None,
     spin_wait: bool = True,
+    solo_threads: int | None = None,
 ) -> dict[str, Scorer]:
     """`{task: Scorer}` from any model reference.
 
@@ -335,6 +353,7 @@ def load_scorers(
         "intra_op_threads": intra_op_threads,
         "inter_op_threads": inter_op_threads,
         "spin_wait": spin_wait,
+        "solo_threads": solo_threads,
     }
     s = str(model)
     if s.startswith(("models:/", "runs:/")):

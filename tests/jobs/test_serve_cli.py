@@ -44,6 +44,8 @@ def test_loopback_by_default_and_remote_when_allowed(tmp_path):
     assert (cfg.host, cfg.replicas, cfg.tasks) == ("0.0.0.0", 3, ["a", "b"])
     assert (cfg.batching.max_batch_size, cfg.batching.batch_wait_ms) == (32, 5.0)
     assert cfg.ongoing_requests >= 32  # a full batch can always form
+    assert cfg.solo_session is True
+    assert build_config(parser.parse_args([*args, "--no-solo-session"])).solo_session is False
 
 
 def test_reports_every_bad_setting_at_once(tmp_path, capsys):

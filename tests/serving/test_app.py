@@ -134,6 +134,12 @@ def test_ort_threads_split_the_cores_between_model_slots():
     assert one_slot.ort_threads(cores=2) == 2
     assert ServeConfig.build(model="m", intra_op_threads=3).ort_threads(cores=16) == 3
     assert 1 <= cfg.ort_threads() <= (os.cpu_count() or 1)
+    # A call that runs alone gets the idle slots' threads (a second session) where the
+    # split leaves it one: up to two cores.
+    assert [cfg.ort_solo_threads(cores=c) for c in (1, 2, 3, 16)] == [None, 2, 2, None]
+    assert one_slot.ort_solo_threads(cores=2) is None
+    assert ServeConfig.build(model="m", intra_op_threads=1).ort_solo_threads(cores=2) is None
+    assert ServeConfig.build(model="m", solo_session=False).ort_solo_threads(cores=2) is None
 
 
 def test_ingress_ports_and_the_environment_serve_needs():
@@ -214,6 +220,11 @@ def test_directory_source_and_a_runtime_without_torch(export_v1):
     for scorer in load_models(cfg).scorers.values():
         opts = scorer.session.get_session_options()
         assert opts.intra_op_num_threads == cfg.ort_threads() >= 1
+        if cfg.ort_solo_threads() is None:
+            assert scorer.solo_session is None
+        else:
+            solo = scorer.solo_session.get_session_options()
+            assert solo.intra_op_num_threads == cfg.ort_solo_threads() == 2
     with pytest.raises(ValueError, match=r"no model for task\(s\) \['nope'\]"):
         check_source(ServeConfig.build(model=str(export_v1), tasks=["search", "nope"]))
     with pytest.raises(ValueError, match="no such directory"):
@@ -331,11 +342,14 @@ def test_replaced_models_are_freed_by_reference_counting(export_v1):
         gc.enable()
 
 
-@pytest.mark.parametrize("slots, largest_call", [(2, 7), (1, 13)])
-def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, slots, largest_call):
+@pytest.mark.parametrize("slots, largest_call, solo", [(2, 7, 0), (1, 13, 1)])
+def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(
+    export_v1, slots, largest_call, solo
+):
     """13 requests wait while every model slot is busy. The first slot to free takes its share
     (13 over 2 slots: 7), not the whole queue: a slot that took everything would hold all 13
-    in one long call while the other slot had nothing. One slot takes them all."""
+    in one long call while the other slot had nothing. One slot takes them all, a call that
+    runs alone (nothing else running or waiting); two calls side by side do not."""
     from serving.app import Chunk, ScoringService, load_models
     from serving.config import ServeConfig
 
@@ -366,6 +380,7 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(export_v1, sl
     sizes = service.stats.sizes
     assert sum(k * v for k, v in sizes.items()) == len(rows)
     assert max(sizes) == largest_call, dict(sizes)
+    assert service.stats.solo_calls == solo
     # The queue in front of the slots, as /v1/stats reports it: every chunk was taken once
     # after waiting at least the 50 ms the slots were held; the first call saw all 13 waiting.
     snap = service.stats.snapshot()
@@ -438,6 +453,7 @@ def test_a_request_answers_when_its_own_call_ends(export_v1):
     assert dict(service.stats.sizes) == {2: 1, 1: 1}
     assert calls_done_when_answered == {"A": 1, "B": 1, "C": 2}
     assert not service._calls and service._free_slots == 1
+    assert service.stats.solo_calls == 1  # C's call: nothing else running or waiting
 
 
 def test_requests_of_one_serve_batch_answer_when_their_own_calls_end(export_v1):

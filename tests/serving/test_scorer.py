@@ -152,6 +152,24 @@ def test_attributes_and_threads(exported):
     )
 
 
+def test_a_solo_session_scores_the_same_with_more_threads(exported):
+    """solo_threads builds a second session (for calls that run alone) with those threads;
+    solo=True scores on it, the same scores as the main session. Without it, solo=True
+    scores on the one session."""
+    _, out = exported
+    rows = text_rows(9, seed=4)
+    two = Scorer(out / "a", providers="cpu", intra_op_threads=1, solo_threads=2)
+    assert two.session.get_session_options().intra_op_num_threads == 1
+    assert two.solo_session.get_session_options().intra_op_num_threads == 2
+    args = (rows["query"], rows["ad_title"], rows["ad_description"])
+    main, solo = two.logits(*args), two.logits(*args, solo=True)
+    np.testing.assert_allclose(solo, main, atol=1e-6)
+    np.testing.assert_allclose(two.score(*args, solo=True), two.score(*args), atol=1e-7)
+    one = Scorer(out / "a", providers="cpu", intra_op_threads=1)
+    assert one.solo_session is None
+    np.testing.assert_allclose(one.logits(*args, solo=True), main, atol=1e-6)
+
+
 def test_provider_choice():
     assert choose_providers("cpu") == [CPU]
     assert choose_providers(["CPUExecutionProvider"]) == [CPU]
