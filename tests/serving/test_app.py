@@ -62,6 +62,25 @@ def reference(scorer, rows: list[dict]) -> np.ndarray:
     )
 
 
+def local_service(export_dir, max_batch_size: int, slots: int):
+    """A ScoringService in this process (no Serve) over export_dir, batch wait 0, and the
+    search task's Scorer: for driving the model slots by hand."""
+    from serving.app import ScoringService, load_models
+    from serving.config import ServeConfig
+
+    batching = {"max_batch_size": max_batch_size, "max_concurrent_batches": slots}
+    cfg = ServeConfig.build(model=str(export_dir), batching={**batching, "batch_wait_ms": 0})
+    service = ScoringService(cfg, load_models(cfg))
+    return service, service.models.scorers["search"]
+
+
+def row_chunk(scorer, row: dict):
+    """One request's single row as a batch element."""
+    from serving.app import Chunk
+
+    return Chunk(scorer, [row["query"]], [row["ad_title"]], [row["ad_description"]])
+
+
 def derive_export(src, dst, bias_shift: float):
     """A copy of an export whose heads' bias moved: another model (new hash, new scores)."""
     import hashlib
@@ -350,25 +369,12 @@ def test_a_free_model_slot_takes_its_share_of_the_waiting_requests(
     (13 over 2 slots: 7), not the whole queue: a slot that took everything would hold all 13
     in one long call while the other slot had nothing. One slot takes them all, a call that
     runs alone (nothing else running or waiting); two calls side by side do not."""
-    from serving.app import Chunk, ScoringService, load_models
-    from serving.config import ServeConfig
-
-    batching = {"max_batch_size": 16, "max_concurrent_batches": slots, "batch_wait_ms": 0}
-    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
-    service = ScoringService(cfg, load_models(cfg))
-    scorer = service.models.scorers["search"]
+    service, scorer = local_service(export_v1, 16, slots)
     rows = items(13, seed=3)
 
     async def run() -> list:
         service._free_slots = 0  # every slot busy
-        calls = [
-            asyncio.create_task(
-                service._score_batch(
-                    [Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]])]
-                )
-            )
-            for r in rows
-        ]
+        calls = [asyncio.create_task(service._score_batch([row_chunk(scorer, r)])) for r in rows]
         await asyncio.sleep(0.05)  # every request is waiting for a slot
         assert len(service._waiting) == len(rows)
         service._free_slots = slots  # the slots free up
@@ -394,20 +400,12 @@ def test_a_free_slot_beside_a_long_call_takes_every_waiting_request(export_v1):
     """Two slots; one runs a call of 6 items while 2 requests wait. The free slot takes both:
     its share of the 8 items in the model's hands is 4. (A share of what waits alone, 1, left
     a request behind for the slot busy with the long call.)"""
-    from serving.app import Chunk, ScoringService, load_models
-    from serving.config import ServeConfig
-
-    batching = {"max_batch_size": 16, "max_concurrent_batches": 2, "batch_wait_ms": 0}
-    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
-    service = ScoringService(cfg, load_models(cfg))
-    scorer = service.models.scorers["search"]
+    service, scorer = local_service(export_v1, 16, 2)
     rows = items(2, seed=11)
 
     async def run() -> list:
         service._free_slots = 0
-        futures = service._enqueue(
-            [Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]]) for r in rows]
-        )
+        futures = service._enqueue([row_chunk(scorer, r) for r in rows])
         service._free_slots, service._running_items = 1, 6  # the other slot: a call of 6
         service._start_calls()
         return list(await asyncio.gather(*futures))
@@ -423,18 +421,12 @@ def test_a_request_answers_when_its_own_call_ends(export_v1):
     runs, a later call that carries only other requests' chunks. One slot, calls of two;
     A, B and C wait while the slot is busy. The first call takes A and B, the next C: B
     answers after one call, not two."""
-    from serving.app import Chunk, ScoringService, load_models
-    from serving.config import ServeConfig
-
-    batching = {"max_batch_size": 2, "max_concurrent_batches": 1, "batch_wait_ms": 0}
-    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
-    service = ScoringService(cfg, load_models(cfg))
-    scorer = service.models.scorers["search"]
+    service, scorer = local_service(export_v1, 2, 1)
     rows = items(3, seed=5)
     calls_done_when_answered: dict[str, int] = {}
 
     async def one(name: str, r: dict) -> np.ndarray:
-        chunk = Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]])
+        chunk = row_chunk(scorer, r)
         out = await (await service._score_batch([chunk]))[0]
         calls_done_when_answered[name] = service.stats.batches
         return out
@@ -462,15 +454,9 @@ def test_requests_of_one_serve_batch_answer_when_their_own_calls_end(export_v1):
     answers a batch's callers only when its body returns: the body returns at once, a future
     per chunk, and A and B are answered after the first call. (A body that awaited its
     chunks' calls held A and B until C's call ended.)"""
-    from serving.app import Chunk, ScoringService, load_models
-    from serving.config import ServeConfig
-
-    batching = {"max_batch_size": 2, "max_concurrent_batches": 1, "batch_wait_ms": 0}
-    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
-    service = ScoringService(cfg, load_models(cfg))
-    scorer = service.models.scorers["search"]
+    service, scorer = local_service(export_v1, 2, 1)
     rows = items(3, seed=7)
-    chunks = [Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]]) for r in rows]
+    chunks = [row_chunk(scorer, r) for r in rows]
     calls_done_when_answered: dict[str, int] = {}
 
     async def run() -> list:
@@ -496,17 +482,11 @@ def test_requests_of_one_serve_batch_answer_when_their_own_calls_end(export_v1):
 def test_a_request_that_went_away_is_not_scored(export_v1):
     """A request cancelled (its client went away) while its chunk waits for a slot: its chunk
     leaves the queue unscored, and the others are scored as usual."""
-    from serving.app import Chunk, ScoringService, load_models
-    from serving.config import ServeConfig
-
-    batching = {"max_batch_size": 4, "max_concurrent_batches": 1, "batch_wait_ms": 0}
-    cfg = ServeConfig.build(model=str(export_v1), batching=batching)
-    service = ScoringService(cfg, load_models(cfg))
-    scorer = service.models.scorers["search"]
+    service, scorer = local_service(export_v1, 4, 1)
     rows = items(3, seed=9)
 
     async def one(r: dict) -> np.ndarray:
-        chunk = Chunk(scorer, [r["query"]], [r["ad_title"]], [r["ad_description"]])
+        chunk = row_chunk(scorer, r)
         return await (await service._score_batch([chunk]))[0]
 
     async def run() -> list:
