@@ -83,6 +83,13 @@ def test_busy_port_is_refused(export_dir, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
@@ -95,10 +102,14 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir, ingress):
     cmd = [sys.executable, "-m", "jobs", "serve", "--model", str(export_dir), "--port", str(port)]
     cmd += ["--num-cpus", "1", "--num-cpus-per-replica", "0", "--intra-op-threads", "1"]
     cmd += ["--ingress", ingress]
-    urls = [f"http://127.0.0.1:{port}"]  # where the service answers
-    if ingress == "direct":  # each replica on its own port, and Serve's proxy over both
+    # Direct: each replica on a port of its own from [port, port + 4) (a replica whose port
+    # another process holds moves to a spare one), and Serve's proxy over both on port + 4.
+    candidates = [f"http://127.0.0.1:{p}" for p in range(port, port + 4)]
+    proxy = [f"http://127.0.0.1:{port + 4}"]
+    if ingress == "direct":
         cmd += ["--replicas", "2"]
-        urls += [f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 4}"]
+    else:  # the proxy on --port
+        candidates, proxy = candidates[:1], []
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -106,11 +117,11 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir, ingress):
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None, proc.stdout.read()
-            try:  # every replica and the proxy
-                if all(httpx.get(f"{u}/healthz", timeout=2).status_code == 200 for u in urls):
-                    break
-            except httpx.TransportError:
-                pass
+            # where the service answers: both replicas (or the proxy), then the proxy
+            urls = [u for u in candidates if _healthy(u)]
+            if len(urls) == (2 if ingress == "direct" else 1) and all(map(_healthy, proxy)):
+                urls += proxy
+                break
             if time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"service did not come up:\n{proc.communicate()[0][-4000:]}")
