@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +23,7 @@ from pipeline.export import (
     QuantizationError,
     export_checkpoint,
     parity_shapes,
+    unfuse_skip_layer_norm,
 )
 from tests.models.helpers import tiny_model
 
@@ -135,7 +138,10 @@ def test_export_three_tasks_passes_parity(exported):
         assert meta["task"] == task and meta["max_length"] == MAX_LEN
         assert meta["pooling"] == "mean" and meta["serving_variant"] == "fp32"
         assert meta["fused_ops"].get("Attention") == 2  # both layers fused
-        assert meta["fused_ops"].get("SkipLayerNormalization", 0) >= 2
+        # SkipLayerNormalization is written back as Add + LayerNormalization (faster on CPU)
+        assert "SkipLayerNormalization" not in meta["fused_ops"]
+        ops = Counter(n.op_type for n in onnx.load(str(d / "model.onnx")).graph.node)
+        assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 4
         assert {"torch", "onnxruntime", "onnx", "transformers"} <= set(meta["versions"])
     meta_a = json.loads((out / "a" / "meta.json").read_text())
     assert meta_a["threshold"] == 0.4 and meta_a["metrics"] == {"auc": 0.81}
@@ -305,3 +311,54 @@ def test_unknown_task_is_refused(exported, tmp_path):
 def test_parity_shapes_cover_the_grid():
     assert parity_shapes(128) == [(b, s) for b in (1, 3, 8) for s in (8, 33, 96, 128)]
     assert parity_shapes(40) == [(b, s) for b in (1, 3, 8) for s in (8, 33, 40)]
+
+
+def skip_layer_norm_graph(path: Path, with_bias: bool, hidden: int = 8) -> Path:
+    """y = LayerNorm(x + skip [+ bias]) as one com.microsoft SkipLayerNormalization, then a
+    MatMul (the unfused nodes must feed on the same name), non-trivial weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "gamma": rng.normal(1, 0.3, hidden),
+        "beta": rng.normal(0, 0.3, hidden),
+        "bias": rng.normal(0, 0.5, hidden),
+        "w": rng.normal(0, 1, (hidden, 3)),
+    }
+    inputs = ["x", "skip", "gamma", "beta"] + (["bias"] if with_bias else [])
+    nodes = [
+        helper.make_node(
+            "SkipLayerNormalization", inputs, ["y"], domain="com.microsoft", epsilon=1e-5
+        ),
+        helper.make_node("MatMul", ["y", "w"], ["out"]),
+    ]
+    dims = ["batch", "seq", hidden]
+    graph = helper.make_graph(
+        nodes,
+        "skip_ln",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "skip")],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq", 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
+    return path
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_skip_layer_norm_is_written_back_as_plain_ops_with_the_same_outputs(tmp_path, with_bias):
+    import onnxruntime as ort
+
+    fused = skip_layer_norm_graph(tmp_path / "fused.onnx", with_bias)
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(fused.read_bytes())
+    assert unfuse_skip_layer_norm(plain) == 1
+    ops = Counter(n.op_type for n in onnx.load(str(plain)).graph.node)
+    assert ops == {"Add": 1 + with_bias, "LayerNormalization": 1, "MatMul": 1}
+    assert unfuse_skip_layer_norm(plain) == 0  # nothing left to rewrite
+    rng = np.random.default_rng(1)
+    feed = {n: rng.normal(0, 2, (3, 5, 8)).astype(np.float32) for n in ("x", "skip")}
+    cpu = ["CPUExecutionProvider"]
+    want = ort.InferenceSession(str(fused), providers=cpu).run(None, feed)[0]
+    got = ort.InferenceSession(str(plain), providers=cpu).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

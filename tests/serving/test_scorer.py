@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,16 @@ from serving.scorer import (
     cuda_usable,
     length_groups,
     load_scorers,
+    make_session,
 )
-from tests.pipeline.test_export import MAX_LEN, TASKS, shared_export, text_rows, torch_logits
+from tests.pipeline.test_export import (
+    MAX_LEN,
+    TASKS,
+    shared_export,
+    skip_layer_norm_graph,
+    text_rows,
+    torch_logits,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,6 +177,32 @@ def test_a_solo_session_scores_the_same_with_more_threads(exported):
     one = Scorer(out / "a", providers="cpu", intra_op_threads=1)
     assert one.solo_session is None
     np.testing.assert_allclose(one.logits(*args, solo=True), main, atol=1e-6)
+
+
+def test_a_cpu_session_keeps_layer_norms_unfused(exported, tmp_path):
+    """ORT would fold Add + LayerNormalization back into SkipLayerNormalization (its slow CPU
+    kernel); a CPU session leaves the exported graph's plain ops as they are."""
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.export import unfuse_skip_layer_norm
+
+    def ops_run(path: Path) -> dict[str, int]:
+        return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+    plain = skip_layer_norm_graph(tmp_path / "plain.onnx", with_bias=True)
+    unfuse_skip_layer_norm(plain)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort_default.onnx")
+    ort.InferenceSession(str(plain), so, providers=[CPU])
+    assert ops_run(tmp_path / "ort_default.onnx")["SkipLayerNormalization"] == 1  # ORT fuses
+    make_session(plain, "cpu", optimized_model_path=tmp_path / "scorer.onnx")
+    assert ops_run(tmp_path / "scorer.onnx")["SkipLayerNormalization"] == 0
+    _, out = exported  # and the exported model as the Scorer runs it
+    make_session(out / "a" / "model.onnx", "cpu", optimized_model_path=tmp_path / "a.onnx")
+    ran = ops_run(tmp_path / "a.onnx")
+    assert ran["SkipLayerNormalization"] == 0 and ran["LayerNormalization"] == 4
+    assert ran["Attention"] == 2
 
 
 def test_provider_choice():
