@@ -10,7 +10,10 @@ On MiniLM-L6 (the default encoder), each pair measured side by side in one proce
   (c) ORT fused (the export's transformer optimizer) vs the raw graph with ORT's fusions off
       (graph optimization level BASIC), b1s32; and vs the raw graph left to ORT's own
       load-time fusions (level ALL), which is what fusing offline saves over doing nothing;
-  (d) int8 vs fp32 at b32s64, with the validation ROC-AUC change the export measured.
+  (d) int8 vs fp32 at b32s64, with the validation ROC-AUC change the export measured;
+  (e) the served graph (Add + LayerNormalization, as the Scorer's CPU session keeps it) vs the
+      same graph with ORT's SkipLayerNormFusion allowed at load, at b1s32 and b32s64: what
+      writing SkipLayerNormalization back as plain ops saves on this CPU.
 
 The task head is fitted (logistic regression on the merged encoder's pooled features) on
 labelled rows, so the AUC change is measured on a model that ranks: relbench (stsb) when
@@ -154,6 +157,17 @@ def unfused_merged_onnx(ckpt: Path, work: Path) -> Path:
     )
 
 
+def skip_layer_norm_session(path: Path, threads: int):
+    """An ORT CPU session with every rewrite, SkipLayerNormFusion included."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def basic_session(path: Path, threads: int):
     """An ORT CPU session with only basic graph rewrites: no Attention/LayerNorm/Gelu fusion."""
     import onnxruntime as ort
@@ -230,6 +244,7 @@ def main(argv=None) -> dict:
         "base": make_session(base_path, "cpu", args.threads),
         "raw_all": make_session(unfused_path, "cpu", args.threads),
         "unfused": basic_session(unfused_path, args.threads),
+        "skip_ln": skip_layer_norm_session(task_dir / "model.onnx", args.threads),
     }
     rows = fit.reset_index(drop=True)
     b1 = batch_of(task_dir, rows, 1, 32)
@@ -253,6 +268,8 @@ def main(argv=None) -> dict:
         args.warmup,
     )
     q = side_by_side({"fp32": ort("merged", b32), "int8": ort("int8", b32)}, r, args.warmup)
+    sl1 = side_by_side({"plain": ort("merged", b1), "skip": ort("skip_ln", b1)}, r, args.warmup)
+    sl32 = side_by_side({"plain": ort("merged", b32), "skip": ort("skip_ln", b32)}, r, args.warmup)
     int8 = res.tasks["t0"].parity["variants"]["int8"]
     auc = int8["auc"]
 
@@ -271,6 +288,10 @@ def main(argv=None) -> dict:
         f"{auc['int8']:.4f}; int8 max|Δlogit| vs reference {int8['max_abs_diff']:.3f}, "
         f"mean |Δlogit| on validation {auc['mean_abs_logit_diff']:.3f}"
     )
+    print(
+        f"(e) b1s32   Add + LayerNorm {ms(sl1['plain'])}  SkipLayerNorm {ms(sl1['skip'])};  "
+        f"b32s64 {ms(sl32['plain'])}  {ms(sl32['skip'])}"
+    )
     out = {
         "merged_vs_base_b1": round(a1["merged"] / a1["base"], 3),
         "merged_vs_base_b32": round(a32["merged"] / a32["base"], 3),
@@ -278,6 +299,8 @@ def main(argv=None) -> dict:
         "fused_speedup_b1": round(cf["unfused"] / cf["fused"], 2),
         "offline_fusion_speedup_b1": round(cf["raw_all"] / cf["fused"], 2),
         "int8_speedup_b32": round(q["fp32"] / q["int8"], 2),
+        "plain_layer_norm_speedup_b1": round(sl1["skip"] / sl1["plain"], 2),
+        "plain_layer_norm_speedup_b32": round(sl32["skip"] / sl32["plain"], 2),
         "int8_auc_delta": round(auc["delta"], 5),
         "int8_recipe": int8["recipe"],
         "fp32_parity_max_abs_diff": res.tasks["t0"].parity["variants"]["fp32"]["max_abs_diff"],
