@@ -3,7 +3,7 @@
     python benchmarks/bench_serving.py [--runs 30] [--threads 2] [--validation DIR]
 
 On MiniLM-L6 (the default encoder), each pair measured side by side in one process
-(interleaved runs, median after warm-up):
+(blocks of runs taking turns, median after warm-up):
   (a) merged per-task ONNX vs the base encoder (no adapters) exported the same way,
       at b1s32 and b32s64: what MTL-LoRA costs at inference (target ≤ 1.05);
   (b) ORT merged vs PyTorch eager *unmerged* MTL-LoRA at b1s32 (target ≥ 3);
@@ -164,6 +164,7 @@ def skip_layer_norm_session(path: Path, threads: int):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -175,6 +176,7 @@ def basic_session(path: Path, threads: int):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -197,17 +199,21 @@ def batch_of(tok_dir: Path, rows, b: int, s: int) -> dict[str, np.ndarray]:
     return tok.encode(pick["query"].tolist(), pick["ad_title"].tolist(), desc)
 
 
-def side_by_side(fns: dict, runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each fn, runs interleaved so load drifts hit all alike."""
+def side_by_side(fns: dict, runs: int, warmup: int, block: int = 5) -> dict[str, float]:
+    """Median seconds per call of each fn: blocks of `block` timed calls, the fns taking turns
+    block by block so load drifts hit all alike. Each block starts with one untimed call: the
+    previous fn's threads (torch's OpenMP pool, ORT's) may still be spinning on the cores."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times = {k: [] for k in fns}
-    for _ in range(runs):
+    while min(len(v) for v in times.values()) < runs:
         for k, f in fns.items():
-            t0 = time.perf_counter()
             f()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -238,11 +244,14 @@ def main(argv=None) -> dict:
     print(f"setup {time.perf_counter() - t0:.0f}s (data: {data_source}); {res.summary()}")
 
     task_dir = work / "export" / "t0"
+    # No spinning: after each run ORT's pool threads would spin on the cores the next session
+    # timed needs (sessions alternate here), which made b1 figures swing by 1.5x on 2 cores.
+    quiet = {"spin_wait": False}
     sess = {
-        "merged": make_session(task_dir / "model.onnx", "cpu", args.threads),
-        "int8": make_session(task_dir / "model.int8.onnx", "cpu", args.threads),
-        "base": make_session(base_path, "cpu", args.threads),
-        "raw_all": make_session(unfused_path, "cpu", args.threads),
+        "merged": make_session(task_dir / "model.onnx", "cpu", args.threads, **quiet),
+        "int8": make_session(task_dir / "model.int8.onnx", "cpu", args.threads, **quiet),
+        "base": make_session(base_path, "cpu", args.threads, **quiet),
+        "raw_all": make_session(unfused_path, "cpu", args.threads, **quiet),
         "unfused": basic_session(unfused_path, args.threads),
         "skip_ln": skip_layer_norm_session(task_dir / "model.onnx", args.threads),
     }
@@ -274,7 +283,9 @@ def main(argv=None) -> dict:
     auc = int8["auc"]
 
     ms = lambda x: f"{x * 1e3:8.2f} ms"  # noqa: E731
-    print(f"threads {args.threads}, median of {r} interleaved runs after {args.warmup} warm-up")
+    print(
+        f"threads {args.threads}, median of {r} runs (blocks of 5 taking turns) after {args.warmup} warm-up"
+    )
     print(f"(a) b1s32   merged {ms(a1['merged'])}  base {ms(a1['base'])}")
     print(f"(a) b32s64  merged {ms(a32['merged'])}  base {ms(a32['base'])}")
     print(f"(b) b1s32   ORT merged {ms(bt['ort'])}  torch eager unmerged {ms(bt['torch'])}")
