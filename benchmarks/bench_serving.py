@@ -157,25 +157,18 @@ def unfused_merged_onnx(ckpt: Path, work: Path) -> Path:
     )
 
 
-def skip_layer_norm_session(path: Path, threads: int):
-    """An ORT CPU session with every rewrite, SkipLayerNormFusion included."""
+def plain_session(path: Path, threads: int, level: str):
+    """An ORT CPU session, no spinning, with ORT's own graph rewrites at `level`: "basic" (no
+    Attention/LayerNorm/Gelu fusion) or "all" (SkipLayerNormFusion included, which the
+    Scorer's CPU sessions leave out)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def basic_session(path: Path, threads: int):
-    """An ORT CPU session with only basic graph rewrites: no Attention/LayerNorm/Gelu fusion."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -252,8 +245,8 @@ def main(argv=None) -> dict:
         "int8": make_session(task_dir / "model.int8.onnx", "cpu", args.threads, **quiet),
         "base": make_session(base_path, "cpu", args.threads, **quiet),
         "raw_all": make_session(unfused_path, "cpu", args.threads, **quiet),
-        "unfused": basic_session(unfused_path, args.threads),
-        "skip_ln": skip_layer_norm_session(task_dir / "model.onnx", args.threads),
+        "unfused": plain_session(unfused_path, args.threads, "basic"),
+        "skip_ln": plain_session(task_dir / "model.onnx", args.threads, "all"),
     }
     rows = fit.reset_index(drop=True)
     b1 = batch_of(task_dir, rows, 1, 32)
