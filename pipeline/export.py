@@ -280,43 +280,20 @@ def optimize_onnx(src: str | Path, dst: str | Path, encoder_config) -> dict[str,
 
 
 def unfuse_skip_layer_norm(path: str | Path) -> int:
-    """Rewrite each com.microsoft SkipLayerNormalization (x + skip + bias, then LayerNorm) as
-    Add nodes and a standard LayerNormalization, in place; returns how many were rewritten.
+    """Rewrite each com.microsoft SkipLayerNormalization of the graph file as Add nodes and a
+    standard LayerNormalization, in place; returns how many were rewritten.
 
     The same arithmetic (parity-gated like the rest), and a faster graph on CPU: there ORT's
     SkipLayerNormalization kernel takes ~4x as long as the plain ops (serving.scorer's CPU
     sessions keep ORT from fusing them back; a CUDA session fuses them again at load).
     """
     import onnx
-    from onnx import helper
+
+    from serving.scorer import plain_layer_norms
 
     model = onnx.load(str(path))
-    nodes, count = [], 0
-    for n in model.graph.node:
-        outputs = [o for o in n.output if o]
-        if n.op_type != "SkipLayerNormalization" or n.domain != "com.microsoft" or len(outputs) > 1:
-            nodes.append(n)  # (a variant that also returns the sum or statistics stays fused)
-            continue
-        x, skip, gamma, beta, bias = (list(n.input) + ["", "", ""])[:5]
-        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-12)
-        out = n.output[0]
-        if bias:
-            nodes.append(helper.make_node("Add", [x, bias], [f"{out}/biased"]))
-            x = f"{out}/biased"
-        nodes.append(helper.make_node("Add", [x, skip], [f"{out}/sum"]))
-        nodes.append(
-            helper.make_node(
-                "LayerNormalization",
-                [f"{out}/sum", gamma] + ([beta] if beta else []),
-                [out],
-                axis=-1,
-                epsilon=eps,
-            )
-        )
-        count += 1
+    count = plain_layer_norms(model)
     if count:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
         onnx.save(model, str(path))
     return count
 

@@ -86,7 +86,7 @@ def choose_providers(providers: str | list[str] = "auto") -> list[str]:
 
 
 def make_session(
-    path: str | Path,
+    path: str | Path | bytes,
     providers: str | list[str] = "auto",
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
@@ -119,12 +119,50 @@ def make_session(
 
     chosen = choose_providers(providers)
     cpu_only = {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)}
+    src = path if isinstance(path, bytes) else str(path)  # a file, or a serialized graph
     sess = ort.InferenceSession(
-        str(path), options(), providers=chosen, **({} if CUDA in chosen else cpu_only)
+        src, options(), providers=chosen, **({} if CUDA in chosen else cpu_only)
     )
     if CUDA in chosen and CUDA not in sess.get_providers():
-        sess = ort.InferenceSession(str(path), options(), providers=[CPU], **cpu_only)
+        sess = ort.InferenceSession(src, options(), providers=[CPU], **cpu_only)
     return sess
+
+
+def plain_layer_norms(model) -> int:
+    """Rewrite each com.microsoft SkipLayerNormalization of an onnx.ModelProto (x + skip +
+    bias, then LayerNorm) as Add nodes and a standard LayerNormalization, in place; returns how
+    many were rewritten. The same arithmetic in the ops that run faster on CPU (see
+    CPU_DISABLED_OPTIMIZERS). A variant that also returns the sum or statistics stays fused.
+    """
+    from onnx import helper
+
+    nodes, count = [], 0
+    for n in model.graph.node:
+        outputs = [o for o in n.output if o]
+        if n.op_type != "SkipLayerNormalization" or n.domain != "com.microsoft" or len(outputs) > 1:
+            nodes.append(n)
+            continue
+        x, skip, gamma, beta, bias = (list(n.input) + ["", "", ""])[:5]
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-12)
+        out = n.output[0]
+        if bias:
+            nodes.append(helper.make_node("Add", [x, bias], [f"{out}/biased"]))
+            x = f"{out}/biased"
+        nodes.append(helper.make_node("Add", [x, skip], [f"{out}/sum"]))
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization",
+                [f"{out}/sum", gamma] + ([beta] if beta else []),
+                [out],
+                axis=-1,
+                epsilon=eps,
+            )
+        )
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +223,13 @@ class Scorer:
         self.batch_size = int(batch_size)
         self.tokenizer = PairTokenizer(self.task_dir, max_length=self.max_length)
         self._tok_lock = threading.Lock()  # the tokenizer toggles truncation per call
+        graph: Path | bytes = self.task_dir / files[self.variant]
+        # An export written before pipeline.export wrote plain LayerNorms: rewrite in memory.
+        self.rewritten_layer_norms = 0
+        if (self.meta.get("fused_ops") or {}).get("SkipLayerNormalization"):
+            graph, self.rewritten_layer_norms = _plain_graph(graph)
         self.session = make_session(
-            self.task_dir / files[self.variant],
+            graph,
             providers,
             intra_op_threads,
             inter_op_threads,
@@ -199,7 +242,7 @@ class Scorer:
         self.solo_session = None
         if solo_threads and not self._cuda:
             self.solo_session = make_session(
-                self.task_dir / files[self.variant],
+                graph,
                 [CPU],
                 solo_threads,
                 inter_op_threads,
@@ -298,6 +341,16 @@ class Scorer:
                 f"rows of {width} tokens exceed the model's {self.max_positions} positions"
             )
         return out
+
+
+def _plain_graph(path: Path) -> tuple[bytes | Path, int]:
+    """(the serialized graph with plain LayerNorms, how many were rewritten); the file itself
+    when there is nothing to rewrite."""
+    import onnx
+
+    model = onnx.load(str(path))
+    count = plain_layer_norms(model)
+    return (model.SerializeToString(), count) if count else (path, 0)
 
 
 def call_rows(lengths: np.ndarray, max_rows: int, call_cost: float) -> list[np.ndarray]:

@@ -205,6 +205,38 @@ def test_a_cpu_session_keeps_layer_norms_unfused(exported, tmp_path):
     assert ran["Attention"] == 2
 
 
+def test_an_export_with_fused_layer_norms_is_scored_with_plain_ones(exported, tmp_path):
+    """An export written before pipeline.export wrote plain LayerNorms (its graph holds
+    SkipLayerNormalization, its meta says so) is rewritten in memory at load: the same
+    scores, the faster ops."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    _, out = exported
+    old = tmp_path / "a"
+    shutil.copytree(out / "a", old)
+    so = ort.SessionOptions()  # ORT's own rewrites fuse the plain ops back, as exports did
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(old / "model.onnx")
+    ort.InferenceSession(str(out / "a" / "model.onnx"), so, providers=[CPU])
+    ops = Counter(n.op_type for n in onnx.load(str(old / "model.onnx")).graph.node)
+    assert ops["SkipLayerNormalization"] == 4
+    meta = json.loads((old / "meta.json").read_text())
+    meta["fused_ops"]["SkipLayerNormalization"] = 4
+    (old / "meta.json").write_text(json.dumps(meta))
+
+    rows = text_rows(7, seed=5)
+    args = (rows["query"], rows["ad_title"], rows["ad_description"])
+    was = Scorer(old, providers="cpu", solo_threads=2)
+    now = Scorer(out / "a", providers="cpu")
+    assert was.rewritten_layer_norms == 4 and now.rewritten_layer_norms == 0
+    np.testing.assert_allclose(was.logits(*args), now.logits(*args), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(was.logits(*args, solo=True), now.logits(*args), atol=1e-5)
+    assert was.model_version == meta["model_version"]  # the same model, by its file hash
+
+
 def test_provider_choice():
     assert choose_providers("cpu") == [CPU]
     assert choose_providers(["CPUExecutionProvider"]) == [CPU]
