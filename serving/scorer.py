@@ -13,6 +13,7 @@ and a CUDA session keeps the CUDA provider), else CPU, without ORT's fallback er
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -69,6 +70,20 @@ def cuda_usable() -> bool:
     return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
+@functools.lru_cache(maxsize=1)
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels (a CUDA build of torch from pip brings
+    them) before the first CUDA session. onnxruntime-gpu finds them by itself only where torch
+    was imported first, and the Scorer never imports torch: without this a CUDA session could
+    silently lose its provider to CPU (make_session's fallback)."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is not None:
+        with contextlib.suppress(Exception):  # libraries on the system path may still do
+            preload()
+
+
 def choose_providers(providers: str | list[str] = "auto") -> list[str]:
     """ "auto": CUDA then CPU when a GPU is usable, else CPU; "cpu"/"cuda"; or an explicit list."""
     if isinstance(providers, (list, tuple)):
@@ -118,6 +133,8 @@ def make_session(
         return so
 
     chosen = choose_providers(providers)
+    if CUDA in chosen:
+        preload_cuda_libraries()
     cpu_only = {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)}
     src = path if isinstance(path, bytes) else str(path)  # a file, or a serialized graph
     sess = ort.InferenceSession(
