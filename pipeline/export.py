@@ -263,6 +263,8 @@ def optimize_onnx(src: str | Path, dst: str | Path, encoder_config) -> dict[str,
     """ORT's transformer fusions (python pass only: the graph stays provider-neutral)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from serving.scorer import plain_layer_norms
+
     model_type = "bert"  # BERT, MiniLM, RoBERTa, XLM-R share the pattern
     with _quiet_logs("onnxruntime.transformers"):
         opt = optimize_model(
@@ -272,30 +274,15 @@ def optimize_onnx(src: str | Path, dst: str | Path, encoder_config) -> dict[str,
             hidden_size=int(encoder_config.hidden_size),
             opt_level=0,
         )
+        fused = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+        # SkipLayerNormalization back to Add + LayerNormalization: the same arithmetic
+        # (parity-gated like the rest), and a faster graph on CPU, where ORT's kernel for it
+        # takes ~4x as long as the plain ops (serving.scorer's CPU sessions keep ORT from
+        # fusing them back; a CUDA session fuses them again at load).
+        if plain_layer_norms(opt.model):
+            fused.pop("SkipLayerNormalization", None)
         opt.save_model_to_file(str(dst))
-    fused = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-    if unfuse_skip_layer_norm(dst):
-        fused.pop("SkipLayerNormalization", None)
     return fused
-
-
-def unfuse_skip_layer_norm(path: str | Path) -> int:
-    """Rewrite each com.microsoft SkipLayerNormalization of the graph file as Add nodes and a
-    standard LayerNormalization, in place; returns how many were rewritten.
-
-    The same arithmetic (parity-gated like the rest), and a faster graph on CPU: there ORT's
-    SkipLayerNormalization kernel takes ~4x as long as the plain ops (serving.scorer's CPU
-    sessions keep ORT from fusing them back; a CUDA session fuses them again at load).
-    """
-    import onnx
-
-    from serving.scorer import plain_layer_norms
-
-    model = onnx.load(str(path))
-    count = plain_layer_norms(model)
-    if count:
-        onnx.save(model, str(path))
-    return count
 
 
 def quantize_int8(src: str | Path, dst: str | Path, recipe: str = DEFAULT_INT8_RECIPE) -> Path:
@@ -351,20 +338,9 @@ def _quiet_logs(name: str):
 
 def ort_session(path: str | Path, threads: int | None = None):
     """A CPU session as the Scorer builds one (the gate measures the graph, not the provider)."""
-    import onnxruntime as ort
+    from serving.scorer import make_session
 
-    from serving.scorer import CPU_DISABLED_OPTIMIZERS
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(
-        str(path),
-        so,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS),
-    )
+    return make_session(path, "cpu", threads)
 
 
 def run_session(sess, batch: dict[str, np.ndarray]) -> np.ndarray:

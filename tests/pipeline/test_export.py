@@ -23,7 +23,6 @@ from pipeline.export import (
     QuantizationError,
     export_checkpoint,
     parity_shapes,
-    unfuse_skip_layer_norm,
 )
 from tests.models.helpers import tiny_model
 
@@ -311,6 +310,17 @@ def test_unknown_task_is_refused(exported, tmp_path):
 def test_parity_shapes_cover_the_grid():
     assert parity_shapes(128) == [(b, s) for b in (1, 3, 8) for s in (8, 33, 96, 128)]
     assert parity_shapes(40) == [(b, s) for b in (1, 3, 8) for s in (8, 33, 40)]
+
+
+def unfuse_skip_layer_norm(path: Path) -> int:
+    """serving.scorer.plain_layer_norms on a graph file, in place (as the export does before
+    it saves); how many were rewritten."""
+    from serving.scorer import plain_layer_norms
+
+    model = onnx.load(str(path))
+    count = plain_layer_norms(model)
+    onnx.save(model, str(path))
+    return count
 
 
 def skip_layer_norm_graph(path: Path, with_bias: bool, hidden: int = 8) -> Path:

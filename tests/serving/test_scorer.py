@@ -30,6 +30,7 @@ from tests.pipeline.test_export import (
     skip_layer_norm_graph,
     text_rows,
     torch_logits,
+    unfuse_skip_layer_norm,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,8 +185,6 @@ def test_a_cpu_session_keeps_layer_norms_unfused(exported, tmp_path):
     kernel); a CPU session leaves the exported graph's plain ops as they are."""
     import onnx
     import onnxruntime as ort
-
-    from pipeline.export import unfuse_skip_layer_norm
 
     def ops_run(path: Path) -> dict[str, int]:
         return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
