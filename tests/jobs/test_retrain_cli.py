@@ -138,6 +138,13 @@ def test_bad_retrain_config_lists_every_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def _descendants(pid: int) -> list:
     import psutil
 
@@ -169,9 +176,10 @@ def test_sigkill_during_training_then_rerun_completes_once(tmp_path):
             deadline = time.time() + 500
             while time.time() < deadline and first.poll() is None:
                 started = _descendants(first.pid) or started
-                if ckpts.is_dir() and any(
-                    p.name.startswith("checkpoint-0000020") for p in ckpts.iterdir()
-                ):
+                # Killed once Ray Train has recorded step 20's checkpoint in its snapshot
+                # (what a rerun resumes from), not as soon as the folder appears: a kill
+                # between the two left nothing to resume from.
+                if "checkpoint-0000020" in _read(ckpts / "checkpoint_manager_snapshot.json"):
                     break
                 time.sleep(0.1)
             assert first.poll() is None, (
