@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/adrel demo --workdir $(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -ra $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra --durations=15 $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
