@@ -5,29 +5,17 @@ and the same Scorer comparison (the CPU provider on both sides) end to end on Mi
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from tests.benchmarks import run_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_gpu_check_dry_run_on_cpu_reports_its_figures():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run-cpu"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, _ = run_benchmark("gpu_check.py", "--dry-run-cpu", timeout=900)
     assert out["dry_run_cpu"] is True and out["gpu"] is None
     assert out["train_losses_finite"] is True
     assert out["train_bf16_ms_per_step_b32s64"] > 0

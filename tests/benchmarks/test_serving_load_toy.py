@@ -3,39 +3,21 @@ apps on loopback, the asyncio load generator, the bare Scorer, and the one-line 
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from tests.benchmarks import run_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("client", ["async", "threads"])
 def test_load_benchmark_runs_and_reports_every_figure(make_tiny_export, client):
     export = make_tiny_export(["search", "shopping"], "bench-serving")
     args = ["--model", str(export), "--requests", "24", "--rounds", "1", "--time-limit", "10"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_serving_load.py"),
-            *args,
-            "--client",
-            client,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, stdout = run_benchmark("bench_serving_load.py", *args, "--client", client, timeout=600)
     assert out["errors"] == 0 and out["client"] == client
     for key in ("p50_ms_c1", "p99_ms_c1", "p99_ms_c16_batched", "rps_c16_batched",
                 "rps_c16_unbatched", "batching_gain", "overhead_ms_c1",
@@ -46,8 +28,8 @@ def test_load_benchmark_runs_and_reports_every_figure(make_tiny_export, client):
     assert 0 < out["client_cpu_ms_per_request_c16"] < 50
     assert 1 <= out["mean_batch_items_c16"] <= out["batch_size"]
     # The per-phase split: the time inside the handler is part of the whole latency.
-    phases = re.findall(r"mean latency ([\d.]+) ms, in the handler ([\d.]+) ms", proc.stdout)
-    assert len(phases) == 4, proc.stdout[-2000:]  # batched/unbatched at c1 and c16
+    phases = re.findall(r"mean latency ([\d.]+) ms, in the handler ([\d.]+) ms", stdout)
+    assert len(phases) == 4, stdout[-2000:]  # batched/unbatched at c1 and c16
     assert all(0 < float(inside) <= float(whole) for whole, inside in phases), phases
     # Inside the batched handler at c16; a take saw at least the items it took.
     handler, queue = out["handler_ms_c16_batched"], out["queue_ms_c16_batched"]
