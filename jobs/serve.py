@@ -7,8 +7,9 @@ Binds 127.0.0.1 unless told otherwise; a non-loopback --host also needs --allow-
 service has no authentication). With the default direct ingress every replica answers HTTP
 itself, replica k on --port + k, and Serve's proxy (which spreads requests over the replicas)
 listens on --proxy-port; with --ingress proxy, Serve's proxy listens on --port. On SIGTERM or
-SIGINT the app is deleted (in-flight requests finish first) and Serve and Ray are shut down
-when this command started them.
+SIGINT the replicas drain (GET /healthz answers 503 at once; after --drain-seconds new requests
+get 503 with `Connection: close`; the ones admitted finish), then the app is deleted and Serve
+and Ray are shut down when this command started them.
 Exit codes: 0 clean shutdown, 2 bad input (configuration, model source, port in use),
 1 Ray or the service failed to start.
 """
@@ -67,8 +68,9 @@ def register(subparsers) -> None:
         "--drain-seconds",
         type=float,
         default=0.0,
-        help="direct ingress: a stopping replica keeps answering this long, so that a load "
-        "balancer in front can take it out first (default 0)",
+        help="on SIGTERM, replicas keep scoring this long while GET /healthz answers 503, so "
+        "that a load balancer in front can take them out first; then new requests get 503 "
+        "(default 0)",
     )
     p.add_argument("--tasks", nargs="+", help="serve only these tasks (default: all)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from jobs.runtime import ensure_ray, shutdown_ray
 
     cfg = build_config(args)  # ServeConfigError (a ValueError) is printed by the CLI
-    from serving.app import check_source, start
+    from serving.app import check_source, drain, start
 
     try:
         check_source(cfg)  # before Ray starts: a wrong path or alias fails in a second
@@ -208,6 +210,11 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         print("adrel serve: shutting down (in-flight requests finish first)", flush=True)
+        # Replicas: /healthz 503 now, new requests 503 after --drain-seconds; returns once
+        # every replica has answered what it admitted (Serve's proxy included, which
+        # stopping cuts off mid-answer).
+        drained = drain(cfg)
+        print(f"adrel serve: {drained} of {cfg.replicas} replica(s) drained", flush=True)
         if address is None:
             serve.shutdown()
         else:  # a shared cluster: remove only this app

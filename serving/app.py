@@ -4,7 +4,7 @@
                       -> {"task", "model_version", "scores"} (probabilities, in item order)
     GET  /v1/tasks    tasks served, their model versions, batching settings and limits
     GET  /v1/stats    this replica's batch sizes (how much dynamic batching gathers)
-    GET  /healthz     liveness
+    GET  /healthz     liveness (503 once the replica is draining: take it out of rotation)
     POST /v1/reload   load the model source again (e.g. a moved alias) and swap it in
     GET  /docs, /openapi.json
 
@@ -16,6 +16,12 @@ that finds the replica idle (nothing waiting, a model slot free, no batch wait c
 is scored at once, past Serve's batch queue. A replica
 holds one `ModelSet` (a Scorer per task); a reload builds the new set beside it and swaps the
 reference, so requests already admitted finish on the models they started with.
+Stopping (`drain`, which `adrel serve` calls on SIGTERM before Serve stops the replicas): each
+replica answers /healthz with 503 at once, keeps scoring for drain_s (time for a load balancer
+to take it out), then refuses new requests with 503 and `Connection: close` while the ones it
+admitted finish. Serve's own stop of a replica waits for a moment with no request in flight;
+under steady load that moment never comes, and at the end of its grace period Serve kills the
+replica with what it holds. After the drain it stops the replica at once.
 The replica runs merged ONNX graphs through serving.scorer only: no torch, no models/.
 """
 
@@ -106,16 +112,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Too many items, text or body too long."},
     415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
     422: {"model": ErrorResponse, "description": "Malformed JSON or a missing/invalid field."},
+    503: {"model": ErrorResponse, "description": "This replica is shutting down: retry another."},
 }
 
 
 class ServiceError(Exception):
     """A request the service refuses, with its HTTP status and a message naming the problem."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = dict(headers or {})
 
 
 # ---- models and batching ------------------------------------------------------------------
@@ -247,6 +255,7 @@ class BatchStats:
         self.requests = 0
         self.idle_requests = 0  # scored at once on an idle replica, past Serve's batch queue
         self.solo_calls = 0  # model calls that ran alone, on the solo sessions where present
+        self.refused_draining = 0  # requests refused with 503 while the replica stopped
         self.items = 0
         self.sizes: Counter[int] = Counter()
         self.model_ms: deque[float] = deque(maxlen=window)
@@ -291,6 +300,7 @@ class BatchStats:
             "requests": self.requests,
             "idle_requests": self.idle_requests,
             "solo_calls": self.solo_calls,
+            "refused_draining": self.refused_draining,
             "items": self.items,
             "max_batch_items": max(self.sizes, default=0),
             "mean_batch_items": self.items / self.batches if self.batches else 0.0,
@@ -322,6 +332,8 @@ class ScoringService:
         self.stats = BatchStats()
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        self.draining_since: float | None = None  # time.monotonic() when the drain began
+        self.in_flight = 0  # HTTP requests being handled (InFlightCounter)
         b = cfg.batching
         self._waiting: deque[Waiting] = deque()
         self._free_slots = b.max_concurrent_batches  # model slots without a call running
@@ -341,6 +353,7 @@ class ScoringService:
 
     async def score(self, req: ScoreRequest) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self.check_accepting()
         scorer = self.models.scorers.get(req.task)  # pinned: a reload does not change it
         if scorer is None:
             known = sorted(self.models.scorers)
@@ -373,6 +386,41 @@ class ScoringService:
             "model_version": str(scorer.model_version),
             "scores": scores.astype(np.float64).tolist(),
         }
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """The replica is being stopped: report unhealthy now, refuse new work after drain_s."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            logger.info(
+                "adrel serve: draining: /healthz answers 503; new requests are refused in %.1fs",
+                self.cfg.drain_s,
+            )
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def accepting(self) -> bool:
+        """False once the drain window (drain_s) has passed."""
+        return (
+            self.draining_since is None or time.monotonic() - self.draining_since < self.cfg.drain_s
+        )
+
+    async def drained(self, poll_s: float = 0.02) -> None:
+        """Returns once the replica refuses new requests and has answered those it admitted."""
+        while self.accepting() or self.in_flight:
+            await asyncio.sleep(poll_s)
+
+    def check_accepting(self) -> None:
+        if not self.accepting():
+            self.stats.refused_draining += 1
+            raise ServiceError(
+                503,
+                "this replica is shutting down: send the request to another replica",
+                headers={"Connection": "close", "Retry-After": "1"},
+            )
 
     def _idle(self) -> bool:
         """No batch waits and a model slot is free, and batches are not told to wait for more
@@ -532,6 +580,7 @@ class ScoringService:
         With `only_if_moved`, first ask the source which versions it points at and do nothing
         when they are the ones being served.
         """
+        self.check_accepting()
         async with self._reload_lock:
             old = self.models
             if only_if_moved:
@@ -568,6 +617,8 @@ class ScoringService:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.reload_interval_s)
+            if self.draining:  # stopping: no new models
+                return
             try:
                 await self.reload(only_if_moved=True)
             except Exception as e:  # keep serving the current models; try again next time
@@ -649,6 +700,25 @@ def describe_error(e: Mapping[str, Any]) -> dict[str, Any]:
     return {"field": field_path(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")}
 
 
+class InFlightCounter:
+    """ASGI middleware: counts the HTTP requests being handled, until their answer is sent,
+    so that a draining replica knows when it has answered everything it admitted."""
+
+    def __init__(self, app: Any, service: ScoringService):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.service.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.service.in_flight -= 1
+
+
 class BodySizeGuard:
     """ASGI middleware: 413 naming the limit for a body larger than max_body_bytes.
 
@@ -709,6 +779,7 @@ def build_api(service: ScoringService) -> FastAPI:
     )
 
     api.add_middleware(BodySizeGuard, max_body_bytes=service.cfg.limits.max_body_bytes)
+    api.add_middleware(InFlightCounter, service=service)  # added last: the outermost
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -718,7 +789,7 @@ def build_api(service: ScoringService) -> FastAPI:
 
     @api.exception_handler(ServiceError)
     async def _refused(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @api.exception_handler(Exception)
     async def _failed(_: Request, exc: Exception) -> JSONResponse:
@@ -741,11 +812,18 @@ def build_api(service: ScoringService) -> FastAPI:
 
     @api.get("/v1/stats", summary="Batch sizes seen by this replica")
     async def stats() -> dict[str, Any]:
-        return {"replica": _replica_id(), **service.stats.snapshot()}
+        return {"replica": _replica_id(), "draining": service.draining, **service.stats.snapshot()}
 
-    @api.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "tasks": sorted(service.models.scorers)}
+    @api.get(
+        "/healthz",
+        summary="Liveness; 503 while the replica drains",
+        responses={503: {"description": "Draining: take this replica out of rotation."}},
+    )
+    async def healthz() -> Any:
+        tasks = sorted(service.models.scorers)
+        if service.draining:
+            return JSONResponse({"status": "draining", "tasks": tasks}, status_code=503)
+        return {"status": "ok", "tasks": tasks}
 
     @api.post(
         "/v1/reload",
@@ -780,6 +858,63 @@ def _replica_id() -> str:
 # ---- the Serve deployment -----------------------------------------------------------------
 
 
+DRAIN_NAMESPACE = "adrel-serve"
+
+
+def drain_signal_name(app_name: str) -> str:
+    return f"drain-{app_name}"
+
+
+@ray.remote(num_cpus=0)
+class DrainSignal:
+    """One app's stop signal, a named actor: its replicas wait on it, `drain` sets it, and each
+    replica reports back once it refuses new requests and has answered the ones it admitted."""
+
+    def __init__(self) -> None:
+        self._set = asyncio.Event()
+        self._drained: set[str] = set()
+
+    async def wait(self) -> bool:
+        await self._set.wait()
+        return True
+
+    async def set(self) -> None:
+        self._set.set()
+
+    async def reset(self) -> None:
+        """A new deployment of the app: its replicas wait on a fresh signal."""
+        if self._set.is_set():
+            self._set = asyncio.Event()
+        self._drained = set()
+
+    async def report_drained(self, replica: str) -> None:
+        self._drained.add(replica)
+
+    async def wait_drained(self, replicas: int, timeout_s: float) -> int:
+        """How many replicas drained, once `replicas` have or after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while len(self._drained) < replicas and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return len(self._drained)
+
+
+def drain(cfg: ServeConfig, timeout_s: float | None = None) -> int:
+    """Drain cfg's app before serve.shutdown / serve.delete (see the module docstring): tell
+    its replicas, then wait until each refuses new requests and has answered the ones it
+    admitted, at most timeout_s (default drain_s + graceful_shutdown_timeout_s). Returns how
+    many replicas drained (0 when the app has no drain signal: it was not started by `start`).
+    """
+    if timeout_s is None:
+        timeout_s = cfg.drain_s + cfg.graceful_shutdown_timeout_s
+    try:
+        signal = ray.get_actor(drain_signal_name(cfg.app_name), namespace=DRAIN_NAMESPACE)
+        ray.get(signal.set.remote(), timeout=10)
+        return ray.get(signal.wait_drained.remote(cfg.replicas, timeout_s), timeout=timeout_s + 10)
+    except (ValueError, ray.exceptions.RayError) as e:
+        logger.warning("adrel serve: replicas not drained: %s", e)
+        return 0
+
+
 @serve.deployment(name="scorer")
 @serve.ingress()
 class ScoringDeployment:
@@ -792,11 +927,27 @@ class ScoringDeployment:
         models = await asyncio.to_thread(load_models, cfg)
         self.service = ScoringService(cfg, models)
         self.service.start_watcher()
+        self._drain_watch = asyncio.get_running_loop().create_task(self._follow_drain_signal())
         # Everything loaded so far (Ray, Serve, FastAPI, the models) lives as long as the
         # replica: move it out of the collector's sight, so that a full collection under load
         # walks only what requests allocate (a long pause in the tail latency otherwise).
         gc.collect()
         gc.freeze()
+
+    async def _follow_drain_signal(self) -> None:
+        name = drain_signal_name(self.service.cfg.app_name)
+        try:
+            signal = await asyncio.to_thread(ray.get_actor, name, DRAIN_NAMESPACE)
+        except ValueError:  # deployed without `start`: Serve's own shutdown only
+            logger.info("adrel serve: no drain signal %r: stops without draining", name)
+            return
+        try:
+            await signal.wait.remote()
+            self.service.begin_drain()
+            await self.service.drained()
+            await signal.report_drained.remote(_replica_id())
+        except ray.exceptions.RayError:  # its owner (adrel serve) is gone: nothing to follow
+            return
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.service)
@@ -809,6 +960,9 @@ class ScoringDeployment:
         service = getattr(self, "service", None)
         if service is not None:
             service.stop_watcher()
+        watch = getattr(self, "_drain_watch", None)
+        if watch is not None:
+            watch.cancel()
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
@@ -818,6 +972,9 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         max_ongoing_requests=cfg.ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus_per_replica},
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+        # How often a stopping replica checks for requests still in flight (Serve's default,
+        # 2 s, would hold a drained replica up to 2 s longer).
+        graceful_shutdown_wait_loop_s=0.25,
         logging_config={"enable_access_log": cfg.access_log},
     ).bind(cfg.model_dump(mode="json"))
 
@@ -834,6 +991,7 @@ class Endpoints:
     url: str
     proxy_url: str
     replica_urls: tuple[str, ...] = ()
+    drain_signal: Any = field(default=None, compare=False, repr=False)  # keeps it alive
 
 
 def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
@@ -857,13 +1015,18 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
             if attempt == 2:
                 raise RuntimeError(f"Serve's HTTP proxy did not start: {e}") from None
             logger.warning("adrel serve: Serve's proxy restarted while starting; again")
+    # Before the replicas start: each looks it up once, in its constructor.
+    signal = DrainSignal.options(
+        name=drain_signal_name(cfg.app_name), namespace=DRAIN_NAMESPACE, get_if_exists=True
+    ).remote()
+    ray.get(signal.reset.remote())
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + wait_s
     proxy_url = base_url(cfg.host, cfg.serve_proxy_port)
     while not answers(cfg.host, cfg.serve_proxy_port) and time.monotonic() < deadline:
         time.sleep(0.25)  # the proxy learns the app's route a moment after it is up
     if cfg.ingress == "proxy":
-        return Endpoints(proxy_url, proxy_url)
+        return Endpoints(proxy_url, proxy_url, drain_signal=signal)
     replicas = replica_urls(cfg, max(0.0, deadline - time.monotonic()))
     if not replicas:
         ports = cfg.replica_ports
@@ -873,7 +1036,7 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
             + ", ".join(f"{k}={v}" for k, v in cfg.ray_env().items())
             + " (adrel serve sets this for a cluster it starts); or use --ingress proxy"
         )
-    return Endpoints(replicas[0], proxy_url, tuple(replicas))
+    return Endpoints(replicas[0], proxy_url, tuple(replicas), drain_signal=signal)
 
 
 def replica_urls(cfg: ServeConfig, wait_s: float = 60.0) -> list[str]:

@@ -86,8 +86,10 @@ class ServeConfig(_Section):
             every replica. Several replicas behind one address: an L4 load balancer over the
             replica ports, or the proxy.
         "proxy": Serve's HTTP proxy listens on `port` and forwards every request to a replica.
-    drain_s: with direct ingress, how long a stopping replica keeps answering before it
-        closes, so that a load balancer in front can take it out of rotation (0: none in front).
+    drain_s: how long a stopping replica keeps scoring while its /healthz answers 503, so that
+        a load balancer in front can take it out of rotation (0: none in front); after it, new
+        requests get 503 and the replica closes once the admitted ones are answered
+        (`serving.app.drain`, which `adrel serve` runs on SIGTERM).
     replicas: model replicas (each holds every task's model). num_cpus_per_replica: Ray CPUs
         reserved per replica. intra_op_threads: ONNX Runtime threads per model call (None: the
         replica's cores split between its model slots, see `ort_threads`). providers: "auto"
@@ -236,7 +238,9 @@ class ServeConfig(_Section):
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.replica_ports.start),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.replica_ports.stop),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": repr(float(self.drain_s)),
+            # The app drains itself (serving.app.drain) before Serve stops it; Serve's own
+            # window on top would double the wait.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
         }
 
     def ort_threads(self, cores: int | None = None) -> int:

@@ -1,4 +1,5 @@
-"""`adrel serve`: argument checks (no Ray needed) and one real run stopped by SIGTERM."""
+"""`adrel serve`: argument checks (no Ray needed) and one real run stopped by SIGTERM under
+load."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -90,6 +93,61 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@dataclass
+class Sent:
+    sent: float  # time.monotonic() when sent
+    outcome: int | str  # the status code, or the transport error's class name
+    scores: list[float] | None = None
+    detail: str = ""
+    connection: str = ""
+
+
+class Load:
+    """Clients posting one item again and again, each to one of urls, until stopped or
+    refused (a 503 or a transport error ends a client)."""
+
+    def __init__(self, urls: list[str], item: dict, clients: int):
+        self.records: list[Sent] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        body = {"task": "search", "items": [item]}
+        self._threads = [
+            threading.Thread(target=self._client, args=(urls[k % len(urls)], body), daemon=True)
+            for k in range(clients)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _client(self, url: str, body: dict) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = c.post(f"{url}/v1/score", json=body)
+                except httpx.TransportError as e:
+                    rec = Sent(sent, type(e).__name__)
+                else:
+                    j = r.json()
+                    rec = Sent(sent, r.status_code, j.get("scores"), str(j.get("detail", "")))
+                    rec.connection = r.headers.get("connection", "")
+                with self._lock:
+                    self.records.append(rec)
+                if rec.outcome != 200:
+                    return
+
+    def wait_for_answers(self, per_client: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len([r for r in self.records if r.outcome == 200]) < per_client * len(self._threads):
+            assert time.monotonic() < deadline, self.records[-5:]
+            time.sleep(0.05)
+
+    def stop(self) -> list[Sent]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+        return list(self.records)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
@@ -141,14 +199,36 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir, ingress):
         assert len({s["replica"] for s in stats}) == len(replicas)
         assert sum(s["idle_requests"] for s in stats) == len(urls), stats
         assert sum(s["batches"] for s in stats) == sum(s["requests"] for s in stats) == len(urls)
+        # Stopped under load: clients that keep sending (each stops at its first 503, as a
+        # client that moves on to another replica does).
+        load = Load([u for u in replicas], item, clients=4)
+        load.wait_for_answers(3)
+        t_sigterm = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
+        shutdown_s = time.monotonic() - t_sigterm
+        records = load.stop()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, out
     assert "shutting down" in out and "adrel serve: stopped" in out, out
+    # Every replica answered what it had admitted, then Serve stopped it at once: not after its
+    # 20-s grace period, which kills the replica with whatever it still runs.
+    assert f"{len(replicas)} of {len(replicas)} replica(s) drained" in out, out
+    assert "force-killing" not in out and shutdown_s < 15, (shutdown_s, out[-3000:])
+    # Each request got its scores, or a 503 that says why (one still on its way to a replica
+    # when the drain began is refused, not cut off), or found nothing listening any more.
+    assert [r.outcome for r in records if r.sent < t_sigterm].count(200) >= 12
+    for r in records:
+        if r.outcome == 200:
+            np.testing.assert_allclose(r.scores, want, atol=1e-6)
+        elif r.outcome == 503:  # refused once the replica drained: says so, closes
+            assert "shutting down" in r.detail and r.connection == "close", r
+        else:  # nothing listens any more: a new connection is refused, nothing is cut off
+            assert r.outcome == "ConnectError" and r.sent > t_sigterm, r
+    assert any(r.outcome == 503 for r in records), records
     if ingress == "direct":
         want = f"replicas at {urls[0]}, {urls[1]}; Serve's proxy (over every replica) at {urls[2]}"
         assert want in out, out

@@ -62,14 +62,16 @@ def reference(scorer, rows: list[dict]) -> np.ndarray:
     )
 
 
-def local_service(export_dir, max_batch_size: int, slots: int):
+def local_service(export_dir, max_batch_size: int, slots: int, **config):
     """A ScoringService in this process (no Serve) over export_dir, batch wait 0, and the
     search task's Scorer: for driving the model slots by hand."""
     from serving.app import ScoringService, load_models
     from serving.config import ServeConfig
 
     batching = {"max_batch_size": max_batch_size, "max_concurrent_batches": slots}
-    cfg = ServeConfig.build(model=str(export_dir), batching={**batching, "batch_wait_ms": 0})
+    cfg = ServeConfig.build(
+        model=str(export_dir), batching={**batching, "batch_wait_ms": 0}, **config
+    )
     service = ScoringService(cfg, load_models(cfg))
     return service, service.models.scorers["search"]
 
@@ -502,6 +504,65 @@ def test_a_request_that_went_away_is_not_scored(export_v1):
     got = np.concatenate(asyncio.run(run()))
     np.testing.assert_allclose(got, reference(scorer, [rows[0], rows[2]]), atol=1e-6)
     assert service.stats.items == 2 and not service._waiting
+
+
+def test_a_draining_replica_turns_unhealthy_then_refuses_new_requests(export_v1):
+    """The replica's HTTP app in this process, drain_s 0.3. Told to drain, it answers /healthz
+    with 503 at once and keeps scoring through the window; after it, a new request gets 503
+    with `Connection: close` and `Retry-After`, while the requests admitted before get their
+    scores; `drained` returns only once those are answered."""
+    from serving.app import build_api
+
+    service, scorer = local_service(export_v1, 4, 1, drain_s=0.3)
+
+    async def unbatched(chunk):  # Serve's batch queue needs a replica: a batch of one each
+        return (await service._score_batch([chunk]))[0]
+
+    service._batched = unbatched
+    api = build_api(service)
+    rows = items(2, seed=13)
+    want = reference(scorer, rows)
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as c:
+
+            def post(row: dict):
+                return c.post("/v1/score", json={"task": "search", "items": [row]})
+
+            assert (await c.get("/healthz")).status_code == 200
+            service._free_slots = 0  # the model slot is busy: admitted requests wait
+            a = asyncio.create_task(post(rows[0]))
+            await asyncio.sleep(0.05)
+            assert service.in_flight == 1
+            service.begin_drain()
+            health = await c.get("/healthz")
+            assert (health.status_code, health.json()["status"]) == (503, "draining")
+            b = asyncio.create_task(post(rows[1]))  # inside the window: admitted
+            await asyncio.sleep(0.05)
+            assert service.in_flight == 2
+            drained = asyncio.create_task(service.drained())
+            await asyncio.sleep(0.35)  # the window is over
+            refused = await post(rows[0])
+            assert refused.status_code == 503, refused.text
+            assert "shutting down" in refused.json()["detail"]
+            assert refused.headers["connection"] == "close"
+            assert refused.headers["retry-after"] == "1"
+            reload = await c.post("/v1/reload")
+            assert reload.status_code == 503, reload.text
+            assert not drained.done()  # a and b are still waiting for the model
+            service._free_slots = 1
+            service._start_calls()
+            got = [(await t) for t in (a, b)]
+            assert [r.status_code for r in got] == [200, 200], [r.text for r in got]
+            scores = [r.json()["scores"][0] for r in got]
+            np.testing.assert_allclose(scores, want, atol=1e-6)
+            await asyncio.wait_for(drained, timeout=5)
+            stats = (await c.get("/v1/stats")).json()
+            assert stats["draining"] is True and stats["refused_draining"] == 2
+            assert service.in_flight == 0
+
+    asyncio.run(run())
 
 
 def test_scores_equal_the_scorers_in_item_order(service, registry):
