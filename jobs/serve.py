@@ -201,12 +201,6 @@ def run(args: argparse.Namespace) -> int:
                 f"Serve's proxy (over every replica) at {ends.proxy_url}",
                 flush=True,
             )
-        if cfg.replicas > 1 and not cfg.reload_interval_s:
-            print(
-                "adrel serve: note: POST /v1/reload reloads the one replica that answers it; "
-                "use --reload-interval so that every replica follows a moved alias",
-                flush=True,
-            )
         while not stop.wait(0.5):
             pass
         print("adrel serve: shutting down (in-flight requests finish first)", flush=True)

@@ -5,7 +5,8 @@
     GET  /v1/tasks    tasks served, their model versions, batching settings and limits
     GET  /v1/stats    this replica's batch sizes (how much dynamic batching gathers)
     GET  /healthz     liveness (503 once the replica is draining: take it out of rotation)
-    POST /v1/reload   load the model source again (e.g. a moved alias) and swap it in
+    POST /v1/reload   load the model source again (e.g. a moved alias) and swap it in, on
+                      every replica (the one asked first, then the others follow)
     GET  /docs, /openapi.json
 
 Concurrent requests are gathered by `@serve.batch`; batches that wait for a busy model are
@@ -28,6 +29,7 @@ The replica runs merged ONNX graphs through serving.scorer only: no torch, no mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -96,11 +98,21 @@ class TasksResponse(BaseModel):
     limits: LimitsConfig
 
 
+class ReplicaReload(BaseModel):
+    reloaded: bool | None = None
+    model_versions: dict[str, str]
+    error: str | None = Field(None, description="Why this replica kept its models.")
+
+
 class ReloadResponse(BaseModel):
-    replica: str = Field(description="The replica that reloaded (each replica reloads itself).")
+    replica: str = Field(description="The replica that was asked; the others follow it.")
     reloaded: bool
     previous: dict[str, str]
     model_versions: dict[str, str]
+    replicas: dict[str, ReplicaReload] = Field(
+        description="Every replica's models after the reload, by replica id."
+    )
+    missing: int = Field(description="Replicas that did not report within the wait.")
 
 
 class ErrorResponse(BaseModel):
@@ -334,6 +346,7 @@ class ScoringService:
         self._watcher: asyncio.Task | None = None
         self.draining_since: float | None = None  # time.monotonic() when the drain began
         self.in_flight = 0  # HTTP requests being handled (InFlightCounter)
+        self.peers: Peers | None = None  # the app's other replicas (set in a Serve replica)
         b = cfg.batching
         self._waiting: deque[Waiting] = deque()
         self._free_slots = b.max_concurrent_batches  # model slots without a call running
@@ -836,7 +849,7 @@ def build_api(service: ScoringService) -> FastAPI:
     )
     async def reload() -> dict[str, Any]:
         try:
-            return {"replica": _replica_id(), **(await service.reload())}
+            done = await service.reload()
         except ServiceError:
             raise
         except Exception as e:
@@ -844,6 +857,17 @@ def build_api(service: ScoringService) -> FastAPI:
             raise ServiceError(
                 502, f"reload failed, still serving {versions}: {type(e).__name__}: {e}"
             ) from e
+        me = _replica_id()
+        own = {"reloaded": done["reloaded"], "model_versions": done["model_versions"]}
+        replicas: dict[str, Any] = {}
+        if service.peers is not None:
+            try:
+                replicas = await service.peers.reload_all()
+            except ray.exceptions.RayError as e:  # the app's AppControl is gone
+                logger.warning("adrel serve: reload not passed on to the other replicas: %s", e)
+        replicas[me] = own  # this replica's own reload, whatever its follower reported
+        expected = service.peers.replicas if service.peers else 1
+        return {"replica": me, **done, "replicas": replicas, "missing": expected - len(replicas)}
 
     return api
 
@@ -858,61 +882,154 @@ def _replica_id() -> str:
 # ---- the Serve deployment -----------------------------------------------------------------
 
 
-DRAIN_NAMESPACE = "adrel-serve"
+CONTROL_NAMESPACE = "adrel-serve"
+RELOAD_WAIT_S = 120.0  # how long POST /v1/reload waits for the other replicas to follow
 
 
-def drain_signal_name(app_name: str) -> str:
-    return f"drain-{app_name}"
+def control_name(app_name: str) -> str:
+    return f"control-{app_name}"
 
 
 @ray.remote(num_cpus=0)
-class DrainSignal:
-    """One app's stop signal, a named actor: its replicas wait on it, `drain` sets it, and each
-    replica reports back once it refuses new requests and has answered the ones it admitted."""
+class AppControl:
+    """What one app's replicas do together, a named actor created by `start`: their replicas
+    wait on it for a reload that another replica was asked for, and for the drain before they
+    are stopped; each reports back when it has done either."""
 
     def __init__(self) -> None:
-        self._set = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._reload_generation = 0
+        self._reloads: dict[str, tuple[int, dict[str, Any]]] = {}  # replica: (generation, report)
+        self._draining = False
         self._drained: set[str] = set()
 
-    async def wait(self) -> bool:
-        await self._set.wait()
-        return True
-
-    async def set(self) -> None:
-        self._set.set()
-
     async def reset(self) -> None:
-        """A new deployment of the app: its replicas wait on a fresh signal."""
-        if self._set.is_set():
-            self._set = asyncio.Event()
-        self._drained = set()
+        """A new deployment of the app: nothing drains, no reload is pending."""
+        async with self._changed:
+            self._draining = False
+            self._drained = set()
+            self._reloads = {}
+
+    # -- reloads: one replica is asked, every replica follows ----------------------------------
+
+    async def reload_generation(self) -> int:
+        return self._reload_generation
+
+    async def announce_reload(self) -> int:
+        async with self._changed:
+            self._reload_generation += 1
+            self._changed.notify_all()
+            return self._reload_generation
+
+    async def wait_reload(self, seen: int) -> int:
+        """The newest reload generation, once it is past `seen`."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._reload_generation > seen)
+            return self._reload_generation
+
+    async def report_reloaded(self, replica: str, generation: int, report: dict) -> None:
+        async with self._changed:
+            self._reloads[replica] = (generation, report)
+            self._changed.notify_all()
+
+    async def wait_reloaded(
+        self, generation: int, replicas: int, timeout_s: float
+    ) -> dict[str, dict[str, Any]]:
+        """Each replica's report on `generation` (or a later one): once `replicas` have
+        reported, or those that did after timeout_s."""
+
+        def done() -> dict[str, dict[str, Any]]:
+            return {r: rep for r, (g, rep) in self._reloads.items() if g >= generation}
+
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: len(done()) >= replicas), timeout_s
+                )
+            return done()
+
+    # -- the drain before a stop --------------------------------------------------------------
+
+    async def wait_drain(self) -> bool:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._draining)
+            return True
+
+    async def drain(self) -> None:
+        async with self._changed:
+            self._draining = True
+            self._changed.notify_all()
 
     async def report_drained(self, replica: str) -> None:
-        self._drained.add(replica)
+        async with self._changed:
+            self._drained.add(replica)
+            self._changed.notify_all()
 
     async def wait_drained(self, replicas: int, timeout_s: float) -> int:
         """How many replicas drained, once `replicas` have or after timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while len(self._drained) < replicas and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return len(self._drained)
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: len(self._drained) >= replicas), timeout_s
+                )
+            return len(self._drained)
 
 
 def drain(cfg: ServeConfig, timeout_s: float | None = None) -> int:
     """Drain cfg's app before serve.shutdown / serve.delete (see the module docstring): tell
     its replicas, then wait until each refuses new requests and has answered the ones it
     admitted, at most timeout_s (default drain_s + graceful_shutdown_timeout_s). Returns how
-    many replicas drained (0 when the app has no drain signal: it was not started by `start`).
+    many replicas drained (0 when the app has no AppControl: it was not started by `start`).
     """
     if timeout_s is None:
         timeout_s = cfg.drain_s + cfg.graceful_shutdown_timeout_s
     try:
-        signal = ray.get_actor(drain_signal_name(cfg.app_name), namespace=DRAIN_NAMESPACE)
-        ray.get(signal.set.remote(), timeout=10)
-        return ray.get(signal.wait_drained.remote(cfg.replicas, timeout_s), timeout=timeout_s + 10)
+        control = ray.get_actor(control_name(cfg.app_name), namespace=CONTROL_NAMESPACE)
+        ray.get(control.drain.remote(), timeout=10)
+        return ray.get(control.wait_drained.remote(cfg.replicas, timeout_s), timeout=timeout_s + 10)
     except (ValueError, ray.exceptions.RayError) as e:
         logger.warning("adrel serve: replicas not drained: %s", e)
         return 0
+
+
+class Peers:
+    """A replica's side of its app's AppControl."""
+
+    def __init__(self, control: Any, replica: str, replicas: int):
+        self.control = control
+        self.replica = replica
+        self.replicas = replicas
+
+    async def reload_all(self) -> dict[str, dict[str, Any]]:
+        """Ask every replica to follow a reload this one made; their reports."""
+        generation = await self.control.announce_reload.remote()
+        return await self.control.wait_reloaded.remote(generation, self.replicas, RELOAD_WAIT_S)
+
+    async def follow(self, service: ScoringService) -> None:
+        """Until the owner of the AppControl goes: reload when another replica did, and
+        drain when told to."""
+        try:
+            await asyncio.gather(self._follow_reloads(service), self._follow_drain(service))
+        except ray.exceptions.RayError:  # adrel serve is gone: nothing to follow
+            return
+
+    async def _follow_reloads(self, service: ScoringService) -> None:
+        seen = await self.control.reload_generation.remote()
+        while not service.draining:
+            seen = await self.control.wait_reload.remote(seen)
+            try:  # the replica that was asked has reloaded already: a no-op there
+                done = await service.reload(only_if_moved=True)
+                report = {"reloaded": done["reloaded"], "model_versions": done["model_versions"]}
+            except Exception as e:
+                message = e.message if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+                report = {"error": message, "model_versions": service.models.versions()}
+            await self.control.report_reloaded.remote(self.replica, seen, report)
+
+    async def _follow_drain(self, service: ScoringService) -> None:
+        await self.control.wait_drain.remote()
+        service.begin_drain()
+        await service.drained()
+        await self.control.report_drained.remote(self.replica)
 
 
 @serve.deployment(name="scorer")
@@ -927,27 +1044,23 @@ class ScoringDeployment:
         models = await asyncio.to_thread(load_models, cfg)
         self.service = ScoringService(cfg, models)
         self.service.start_watcher()
-        self._drain_watch = asyncio.get_running_loop().create_task(self._follow_drain_signal())
+        self._follower: asyncio.Task | None = None
+        try:
+            control = await asyncio.to_thread(
+                ray.get_actor, control_name(cfg.app_name), CONTROL_NAMESPACE
+            )
+        except ValueError:  # deployed without `start`: each replica on its own
+            logger.info("adrel serve: no AppControl: reloads are per replica, no drain")
+        else:
+            self.service.peers = Peers(control, _replica_id(), cfg.replicas)
+            self._follower = asyncio.get_running_loop().create_task(
+                self.service.peers.follow(self.service)
+            )
         # Everything loaded so far (Ray, Serve, FastAPI, the models) lives as long as the
         # replica: move it out of the collector's sight, so that a full collection under load
         # walks only what requests allocate (a long pause in the tail latency otherwise).
         gc.collect()
         gc.freeze()
-
-    async def _follow_drain_signal(self) -> None:
-        name = drain_signal_name(self.service.cfg.app_name)
-        try:
-            signal = await asyncio.to_thread(ray.get_actor, name, DRAIN_NAMESPACE)
-        except ValueError:  # deployed without `start`: Serve's own shutdown only
-            logger.info("adrel serve: no drain signal %r: stops without draining", name)
-            return
-        try:
-            await signal.wait.remote()
-            self.service.begin_drain()
-            await self.service.drained()
-            await signal.report_drained.remote(_replica_id())
-        except ray.exceptions.RayError:  # its owner (adrel serve) is gone: nothing to follow
-            return
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.service)
@@ -960,9 +1073,9 @@ class ScoringDeployment:
         service = getattr(self, "service", None)
         if service is not None:
             service.stop_watcher()
-        watch = getattr(self, "_drain_watch", None)
-        if watch is not None:
-            watch.cancel()
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.cancel()
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
@@ -991,7 +1104,7 @@ class Endpoints:
     url: str
     proxy_url: str
     replica_urls: tuple[str, ...] = ()
-    drain_signal: Any = field(default=None, compare=False, repr=False)  # keeps it alive
+    control: Any = field(default=None, compare=False, repr=False)  # the AppControl: kept alive
 
 
 def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
@@ -1016,17 +1129,17 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
                 raise RuntimeError(f"Serve's HTTP proxy did not start: {e}") from None
             logger.warning("adrel serve: Serve's proxy restarted while starting; again")
     # Before the replicas start: each looks it up once, in its constructor.
-    signal = DrainSignal.options(
-        name=drain_signal_name(cfg.app_name), namespace=DRAIN_NAMESPACE, get_if_exists=True
+    control = AppControl.options(
+        name=control_name(cfg.app_name), namespace=CONTROL_NAMESPACE, get_if_exists=True
     ).remote()
-    ray.get(signal.reset.remote())
+    ray.get(control.reset.remote())
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + wait_s
     proxy_url = base_url(cfg.host, cfg.serve_proxy_port)
     while not answers(cfg.host, cfg.serve_proxy_port) and time.monotonic() < deadline:
         time.sleep(0.25)  # the proxy learns the app's route a moment after it is up
     if cfg.ingress == "proxy":
-        return Endpoints(proxy_url, proxy_url, drain_signal=signal)
+        return Endpoints(proxy_url, proxy_url, control=control)
     replicas = replica_urls(cfg, max(0.0, deadline - time.monotonic()))
     if not replicas:
         ports = cfg.replica_ports
@@ -1036,7 +1149,7 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
             + ", ".join(f"{k}={v}" for k, v in cfg.ray_env().items())
             + " (adrel serve sets this for a cluster it starts); or use --ingress proxy"
         )
-    return Endpoints(replicas[0], proxy_url, tuple(replicas), drain_signal=signal)
+    return Endpoints(replicas[0], proxy_url, tuple(replicas), control=control)
 
 
 def replica_urls(cfg: ServeConfig, wait_s: float = 60.0) -> list[str]:

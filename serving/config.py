@@ -108,8 +108,7 @@ class ServeConfig(_Section):
         gathers while the current one runs.
     access_log: log every request (Serve's access log; off by default: it costs latency).
     reload_interval_s: check the model source this often and swap in a new version when it
-        moved (0: only on POST /v1/reload). With several replicas, /v1/reload reloads the
-        replica that answers it; the periodic check brings every replica along.
+        moved (0: only on POST /v1/reload, which the replica asked passes on to the others).
     """
 
     model: str

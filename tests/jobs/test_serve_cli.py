@@ -4,6 +4,7 @@ load."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,13 +152,19 @@ class Load:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
-def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir, ingress):
+def test_serves_reloads_everywhere_and_drains_on_sigterm(export_dir, ingress, tmp_path):
+    """`adrel serve` as run in production: replicas answer, a reload asked of one replica
+    reaches every replica, and SIGTERM under load drains them all and exits 0."""
     from serving.scorer import load_scorers
+    from tests.serving.helpers import derive_export
 
+    source = tmp_path / "source"  # the served directory: re-exported in place below
+    shutil.copytree(export_dir, source)
+    new = derive_export(export_dir, tmp_path / "new", bias_shift=1.5)
     port = free_loopback_port(5)  # direct: 2 replicas, 2 spare ports, Serve's proxy
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs", "serve", "--model", str(export_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "jobs", "serve", "--model", str(source), "--port", str(port)]
     cmd += ["--num-cpus", "1", "--num-cpus-per-replica", "0", "--intra-op-threads", "1"]
     cmd += ["--ingress", ingress]
     # Direct: each replica on a port of its own from [port, port + 4) (a replica whose port
@@ -199,6 +206,25 @@ def test_serves_until_sigterm_then_shuts_down_cleanly(export_dir, ingress):
         assert len({s["replica"] for s in stats}) == len(replicas)
         assert sum(s["idle_requests"] for s in stats) == len(urls), stats
         assert sum(s["batches"] for s in stats) == sum(s["requests"] for s in stats) == len(urls)
+        # A re-export lands in the served directory; one replica is asked to reload, and every
+        # replica is on the new model when it answers.
+        old_version = httpx.get(f"{replicas[0]}/v1/tasks").json()["tasks"]["search"]
+        shutil.copytree(new / "search", source / "search", dirs_exist_ok=True)
+        new_scorer = load_scorers(new)["search"]
+        new_version = str(new_scorer.model_version)
+        assert new_version != old_version["model_version"]
+        r = httpx.post(f"{urls[-1]}/v1/reload", timeout=180)  # the proxy's replica, direct
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["reloaded"] and body["missing"] == 0, body
+        assert sorted(body["replicas"]) == sorted(s["replica"] for s in stats), body
+        for rep in body["replicas"].values():
+            assert rep["model_versions"] == {"search": new_version} and not rep.get("error"), body
+        want = new_scorer.score([item["query"]], [item["ad_title"]], [item["ad_description"]])
+        for u in replicas:  # no wait: each replica reloaded before the reload answered
+            r = httpx.post(f"{u}/v1/score", json={"task": "search", "items": [item]}, timeout=30)
+            assert r.json()["model_version"] == new_version, (u, r.text)
+            np.testing.assert_allclose(r.json()["scores"], want, atol=1e-6)
         # Stopped under load: clients that keep sending (each stops at its first 503, as a
         # client that moves on to another replica does).
         load = Load([u for u in replicas], item, clients=4)

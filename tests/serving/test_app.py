@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from jobs.runtime import free_loopback_port
+from tests.serving.helpers import derive_export
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,31 +81,6 @@ def row_chunk(scorer, row: dict):
     from serving.app import Chunk
 
     return Chunk(scorer, [row["query"]], [row["ad_title"]], [row["ad_description"]])
-
-
-def derive_export(src, dst, bias_shift: float):
-    """A copy of an export whose heads' bias moved: another model (new hash, new scores)."""
-    import hashlib
-
-    import onnx
-    from onnx import numpy_helper
-
-    shutil.copytree(src, dst)
-    for task in TASKS:
-        path = dst / task / "model.onnx"
-        graph = onnx.load(str(path))
-        gemm = [n for n in graph.graph.node if n.op_type == "Gemm"][-1]  # the task head
-        for init in graph.graph.initializer:
-            if init.name == gemm.input[2]:
-                init.CopyFrom(
-                    numpy_helper.from_array(numpy_helper.to_array(init) + bias_shift, init.name)
-                )
-        onnx.save(graph, str(path))
-        meta_path = dst / task / "meta.json"
-        meta = json.loads(meta_path.read_text())
-        meta["model_version"] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        meta_path.write_text(json.dumps(meta))
-    return dst
 
 
 def test_config_reports_every_error_and_keeps_batches_fillable():
@@ -687,6 +662,9 @@ def test_reload_swaps_the_champion_without_dropping_requests(service, registry):
     reload, responses = asyncio.run(load_during_reload())
     assert reload.status_code == 200, reload.text
     assert reload.json()["model_versions"] == registry["v2"]
+    (replica,) = reload.json()["replicas"]  # the app's one replica, on the new models
+    assert reload.json()["replicas"][replica]["model_versions"] == registry["v2"]
+    assert reload.json()["missing"] == 0
     assert all(r.status_code == 200 for r in responses), [
         r.text for r in responses if r.status_code != 200
     ]
@@ -709,6 +687,7 @@ def test_periodic_check_follows_the_alias(service, registry):
 def test_reload_refuses_a_source_that_drops_a_task(service, registry):
     from mlflow.tracking import MlflowClient
 
+    set_champion(registry, "v1")  # whatever the tests before left
     assert wait_for_versions(service, registry["v1"]) == registry["v1"]
     client = MlflowClient(registry["uri"], registry["uri"])
     client.delete_registered_model_alias("adrel-shopping", "champion")
