@@ -540,6 +540,45 @@ def test_a_draining_replica_turns_unhealthy_then_refuses_new_requests(export_v1)
     asyncio.run(run())
 
 
+def test_app_control_passes_reloads_and_drains_between_replicas(ray_local):
+    """The AppControl actor on a real local Ray, as two replicas "a" and "b" use it: a reload
+    announced wakes the replicas waiting for one, and the wait for their reports ends when all
+    have reported (reports on an older reload do not count) or at its timeout with those that
+    did; the drain likewise. A new deployment (reset) waits for a drain of its own."""
+    from serving.app import AppControl
+
+    ray = ray_local
+    control = AppControl.remote()
+
+    def pending(ref) -> bool:
+        return not ray.wait([ref], timeout=0.2)[0]
+
+    seen = ray.get(control.reload_generation.remote())
+    waiting = control.wait_reload.remote(seen)
+    assert pending(waiting)
+    generation = ray.get(control.announce_reload.remote())
+    assert generation == seen + 1 and ray.get(waiting, timeout=10) == generation
+    new = {"reloaded": True, "model_versions": {"search": "2"}}
+    ray.get(control.report_reloaded.remote("a", generation, new))
+    ray.get(control.report_reloaded.remote("b", seen, {"model_versions": {"search": "1"}}))
+    assert ray.get(control.wait_reloaded.remote(generation, 2, 0.3)) == {"a": new}  # timed out
+    both = control.wait_reloaded.remote(generation, 2, 60)
+    assert pending(both)
+    ray.get(control.report_reloaded.remote("b", generation, new))
+    assert ray.get(both, timeout=10) == {"a": new, "b": new}
+
+    drain = control.wait_drain.remote()
+    assert pending(drain)
+    ray.get(control.drain.remote())
+    assert ray.get(drain, timeout=10) is True
+    ray.get(control.report_drained.remote("a"))
+    assert ray.get(control.wait_drained.remote(2, 0.3)) == 1  # b never drained: the timeout
+    ray.get(control.reset.remote())
+    assert pending(control.wait_drain.remote())
+    assert ray.get(control.wait_drained.remote(1, 0.1)) == 0
+    ray.kill(control)
+
+
 def test_scores_equal_the_scorers_in_item_order(service, registry):
     ref = scorers(registry, "v1")
     rows = items(2 * MAX_BATCH + 5)  # more items than one batch holds: split and rejoined
