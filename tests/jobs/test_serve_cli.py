@@ -227,7 +227,7 @@ def test_serves_reloads_everywhere_and_drains_on_sigterm(export_dir, ingress, tm
             np.testing.assert_allclose(r.json()["scores"], want, atol=1e-6)
         # Stopped under load: clients that keep sending (each stops at its first 503, as a
         # client that moves on to another replica does).
-        load = Load([u for u in replicas], item, clients=4)
+        load = Load(replicas, item, clients=4)
         load.wait_for_answers(3)
         t_sigterm = time.monotonic()
         proc.send_signal(signal.SIGTERM)
