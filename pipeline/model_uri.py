@@ -16,11 +16,13 @@ never imports torch or transformers, and mlflow only when a URI needs it.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +124,9 @@ def resolve_model(
     tracking_uri: str | None = None,
     dst: str | os.PathLike | None = None,
 ) -> ResolvedModel:
-    """Resolve `uri` to a local directory (downloading MLflow artifacts into `dst` or a temp dir)."""
+    """Resolve `uri` to a local directory. MLflow artifacts are downloaded into `dst` when
+    given, else into the model cache (a registered version, a finished run), else (a run still
+    in progress) into a temporary folder removed when this process exits."""
     ref = parse_model_uri(uri)
     if ref.kind == "local":
         p = Path(ref.path).expanduser()
@@ -132,7 +136,7 @@ def resolve_model(
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    _, turi = _client(tracking_uri)
+    client, turi = _client(tracking_uri)
     name = version = run_id = None
     cached: Path | None = None
     if ref.kind == "models":
@@ -140,19 +144,27 @@ def resolve_model(
         name, version, run_id = mv.name, str(mv.version), mv.run_id
         artifact_uri = f"models:/{mv.name}/{mv.version}"
         if dst is None:  # a registered version never changes: download it once per machine
-            cached = _cache_dir(turi, mv.name, version)
-            if (cached / _COMPLETE).is_file():
-                local = (cached / _COMPLETE).read_text().strip()
-                return ResolvedModel(ref.uri, Path(local), name, version, ref.alias, run_id)
+            cached = _cache_dir(turi, f"{mv.name}-v{version}")
     else:
         run_id, artifact_uri = ref.run_id, ref.uri
+        try:
+            status = client.get_run(ref.run_id).info.status
+        except MlflowException as e:
+            raise ModelURIError(f"cannot resolve {ref.uri}: {e.message}") from None
+        if dst is None and status == "FINISHED":  # a finished run's artifacts stay as they are
+            digest = hashlib.sha256(ref.path.encode()).hexdigest()[:10]
+            cached = _cache_dir(turi, f"run-{ref.run_id}-{digest}")
+    if cached is not None and (cached / _COMPLETE).is_file():
+        (cached / _COMPLETE).touch()  # last use, for eviction
+        local = (cached / _COMPLETE).read_text().strip()
+        return ResolvedModel(ref.uri, Path(local), name, version, ref.alias, run_id)
     if dst is not None:
         out = Path(dst)
     elif cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         out = Path(tempfile.mkdtemp(prefix=cached.name + ".tmp-", dir=cached.parent))
     else:
-        out = Path(tempfile.mkdtemp(prefix="adrel-model-"))
+        out = _temp_download_dir()
     out.mkdir(parents=True, exist_ok=True)
     try:
         local = Path(
@@ -166,6 +178,7 @@ def resolve_model(
         raise ModelURIError(f"cannot download {ref.uri}: {e}") from None
     if cached is not None:
         local = _publish_cache(out, local, cached)
+        evict_cache(keep=cached)
     return ResolvedModel(ref.uri, local, name, version, ref.alias, run_id)
 
 
@@ -177,15 +190,86 @@ def resolve_model_dir(
 
 
 _COMPLETE = ".adrel-complete"
+# The model cache (registered versions and finished runs' artifacts, downloaded once per
+# machine): ADREL_MODEL_CACHE, else $TMPDIR/adrel-model-cache-<uid>. Past
+# ADREL_MODEL_CACHE_MAX_MB (default 20 GiB) the least recently used entries go, except those
+# used in the last hour (a process may be about to load them).
+DEFAULT_CACHE_MAX_MB = 20 * 1024
+CACHE_MIN_IDLE_S = 3600.0
+_TEMP_DOWNLOADS: list[Path] = []
 
 
-def _cache_dir(tracking_uri: str | None, name: str, version: str) -> Path:
-    # Keyed by tracking store too: two sqlite files may both hold "adrel-x" version 1.
-    root = os.environ.get("ADREL_MODEL_CACHE") or os.path.join(
-        tempfile.gettempdir(), f"adrel-model-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+def cache_root() -> Path:
+    return Path(
+        os.environ.get("ADREL_MODEL_CACHE")
+        or os.path.join(
+            tempfile.gettempdir(),
+            f"adrel-model-cache-{os.getuid() if hasattr(os, 'getuid') else 0}",
+        )
     )
+
+
+def _cache_dir(tracking_uri: str | None, key: str) -> Path:
+    # Keyed by tracking store too: two sqlite files may both hold "adrel-x" version 1.
     store = hashlib.sha256(str(tracking_uri).encode()).hexdigest()[:12]
-    return Path(root) / store / f"{name}-v{version}"
+    return cache_root() / store / key
+
+
+def _temp_download_dir() -> Path:
+    """A folder for a download that is not cached (a run still in progress), removed when
+    this process exits."""
+    if not _TEMP_DOWNLOADS:
+        atexit.register(_remove_temp_downloads)
+    out = Path(tempfile.mkdtemp(prefix="adrel-model-"))
+    _TEMP_DOWNLOADS.append(out)
+    return out
+
+
+def _remove_temp_downloads() -> None:
+    while _TEMP_DOWNLOADS:
+        shutil.rmtree(_TEMP_DOWNLOADS.pop(), ignore_errors=True)
+
+
+def evict_cache(
+    keep: Path | None = None, max_mb: float | None = None, min_idle_s: float = CACHE_MIN_IDLE_S
+) -> list[Path]:
+    """Remove the least recently used complete cache entries until the cache fits in max_mb
+    (default: ADREL_MODEL_CACHE_MAX_MB, else DEFAULT_CACHE_MAX_MB); entries used in the last
+    min_idle_s seconds and `keep` stay. Returns the removed entries."""
+    if max_mb is None:
+        raw = os.environ.get("ADREL_MODEL_CACHE_MAX_MB") or DEFAULT_CACHE_MAX_MB
+        try:
+            max_mb = float(raw)
+        except ValueError:
+            raise ModelURIError(f"ADREL_MODEL_CACHE_MAX_MB={raw!r} is not a number") from None
+    root = cache_root()
+    entries = []  # (last use, size, path)
+    for stamp in root.glob(f"*/*/{_COMPLETE}"):
+        entry = stamp.parent
+        try:
+            used = stamp.stat().st_mtime
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        except OSError:  # removed meanwhile by another process
+            continue
+        entries.append((used, size, entry))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    now = time.time()
+    for used, size, entry in sorted(entries, key=lambda e: e[0]):
+        if total <= max_mb * 1024 * 1024:
+            break
+        if now - used < min_idle_s or (keep is not None and entry == keep):
+            continue
+        # Renamed first, so no reader ever sees a half-removed entry as complete.
+        trash = entry.with_name(entry.name + f".evicted-{os.getpid()}")
+        try:
+            entry.rename(trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+        total -= size
+        removed.append(entry)
+    return removed
 
 
 def _publish_cache(tmp: Path, local: Path, cached: Path) -> Path:

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from jobs.runtime import set_env_defaults
 
 set_env_defaults()
+
+# This session's model cache (pipeline.model_uri): every test's sqlite store caches its own
+# downloads, so the tests get a folder of their own, removed at the end, instead of adding a
+# few gigabytes a run to the machine's cache. Set before any Ray cluster starts: workers,
+# replicas and CLI subprocesses inherit it.
+_MODEL_CACHE = tempfile.mkdtemp(prefix="adrel-test-model-cache-")
+os.environ["ADREL_MODEL_CACHE"] = _MODEL_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_MODEL_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,6 +196,85 @@ def test_runs_uri_and_custom_prefix(exported, client, cache, tmp_path):
     assert [m["name"] for m in list_models("shop")] == ["shop-a", "shop-b"]
     with pytest.raises(RegistryError, match="prefix"):
         list_models("bad/prefix")
+
+
+def _logged_run(client, out, tmp_path, finished: bool) -> str:
+    exp = client.create_experiment(
+        f"runs-{finished}", artifact_location=(tmp_path / f"art-{finished}").as_uri()
+    )
+    run_id = client.create_run(exp).info.run_id
+    client.log_artifacts(run_id, str(out / "c"), "export-c")
+    if finished:
+        client.set_terminated(run_id)
+    return run_id
+
+
+def test_a_finished_runs_artifacts_are_cached_and_a_running_ones_removed_at_exit(
+    exported, client, cache, tmp_path, monkeypatch, mlflow_uri
+):
+    import subprocess
+    import sys
+
+    _, out = exported
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    done = _logged_run(client, out, tmp_path, finished=True)
+    first = mu.resolve_model(f"runs:/{done}/export-c")
+    again = mu.resolve_model(f"runs:/{done}/export-c")
+    assert first.path == again.path and (first.path / "model.onnx").is_file()
+    assert mu.cache_root() in first.path.parents
+    assert list(tmp.iterdir()) == []  # nothing left in the temp folder
+
+    # A run still in progress may get more artifacts: downloaded afresh each time, into a
+    # temporary folder that goes when the process exits.
+    running = _logged_run(client, out, tmp_path, finished=False)
+    code = (
+        "import sys; from pipeline import model_uri as mu; "
+        "a = mu.resolve_model(sys.argv[1]).path; b = mu.resolve_model(sys.argv[1]).path; "
+        "assert a != b and (a / 'model.onnx').is_file() and (b / 'model.onnx').is_file(); "
+        "print(a); print(b)"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    res = subprocess.run(
+        [sys.executable, "-c", code, f"runs:/{running}/export-c"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    paths = [Path(line) for line in res.stdout.split()]
+    assert len(paths) == 2 and all(tmp in p.parents for p in paths)
+    assert not any(p.exists() for p in paths) and list(tmp.iterdir()) == []
+
+    with pytest.raises(mu.ModelURIError, match="cannot resolve runs:/0123abc"):
+        mu.resolve_model("runs:/0123abc/export-c")
+
+
+def test_the_model_cache_evicts_the_least_recently_used_entries(
+    exported, client, cache, monkeypatch
+):
+    _, out = exported
+    register_export(out, tasks=["c"])
+    register_export(out, tasks=["c"])
+    v1 = mu.resolve_model("models:/adrel-c/1").path
+    size_mb = sum(f.stat().st_size for f in v1.rglob("*") if f.is_file()) / 2**20
+    # Room for one version: publishing v2 evicts v1, unless v1 was used in the last hour.
+    monkeypatch.setenv("ADREL_MODEL_CACHE_MAX_MB", str(size_mb * 1.5))
+    v2 = mu.resolve_model("models:/adrel-c/2").path
+    assert v1.is_dir() and v2.is_dir()
+    stamp = next(p for p in [v1, *v1.parents] if (p / ".adrel-complete").is_file())
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stamp / ".adrel-complete", (hours_ago, hours_ago))
+    entry2 = next(p for p in [v2, *v2.parents] if (p / ".adrel-complete").is_file())
+    assert mu.evict_cache() == [stamp] and not stamp.exists() and v2.is_dir()
+    assert mu.evict_cache(keep=entry2) == []  # v2 is in use: the cache may stay over
+    again = mu.resolve_model("models:/adrel-c/1").path  # downloaded again
+    assert again == v1 and any(again.rglob("model.onnx"))
+    monkeypatch.setenv("ADREL_MODEL_CACHE_MAX_MB", "lots")
+    with pytest.raises(mu.ModelURIError, match="ADREL_MODEL_CACHE_MAX_MB='lots'"):
+        mu.evict_cache()
 
 
 @pytest.mark.parametrize(
