@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from jobs.runtime import ensure_ray, shutdown_ray
 
     cfg = build_config(args)  # ServeConfigError (a ValueError) is printed by the CLI
-    from serving.app import check_source, drain, start
+    from serving.app import check_source, drain, remove_control, start
 
     try:
         check_source(cfg)  # before Ray starts: a wrong path or alias fails in a second
@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             serve.shutdown()
         else:  # a shared cluster: remove only this app
             serve.delete(cfg.app_name)
+            remove_control(cfg.app_name)
     finally:
         if connected:
             shutdown_ray()  # stops our own cluster; only disconnects from a shared one

@@ -975,6 +975,33 @@ class AppControl:
             return len(self._drained)
 
 
+def create_control(app_name: str) -> Any:
+    """The app's AppControl, created if missing and reset for a new deployment.
+
+    Detached, like the Serve app itself: on a shared cluster a SIGKILLed `adrel serve` leaves
+    the app serving, and its replicas go on following each other's reloads. `remove_control`
+    ends it once the app is deleted; on a cluster `adrel serve` started, it goes with Ray.
+    """
+    control = AppControl.options(
+        name=control_name(app_name),
+        namespace=CONTROL_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+    ).remote()
+    ray.get(control.reset.remote())
+    return control
+
+
+def remove_control(app_name: str) -> bool:
+    """End the app's AppControl (after its app was deleted); False when there was none."""
+    try:
+        control = ray.get_actor(control_name(app_name), namespace=CONTROL_NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(control)
+    return True
+
+
 def drain(cfg: ServeConfig, timeout_s: float | None = None) -> int:
     """Drain cfg's app before serve.shutdown / serve.delete (see the module docstring): tell
     its replicas, then wait until each refuses new requests and has answered the ones it
@@ -1006,11 +1033,11 @@ class Peers:
         return await self.control.wait_reloaded.remote(generation, self.replicas, RELOAD_WAIT_S)
 
     async def follow(self, service: ScoringService) -> None:
-        """Until the owner of the AppControl goes: reload when another replica did, and
-        drain when told to."""
+        """Until the AppControl goes (removed with its app): reload when another replica
+        did, and drain when told to."""
         try:
             await asyncio.gather(self._follow_reloads(service), self._follow_drain(service))
-        except ray.exceptions.RayError:  # adrel serve is gone: nothing to follow
+        except ray.exceptions.RayError:  # the AppControl is gone: nothing to follow
             return
 
     async def _follow_reloads(self, service: ScoringService) -> None:
@@ -1104,7 +1131,7 @@ class Endpoints:
     url: str
     proxy_url: str
     replica_urls: tuple[str, ...] = ()
-    control: Any = field(default=None, compare=False, repr=False)  # the AppControl: kept alive
+    control: Any = field(default=None, compare=False, repr=False)  # the app's AppControl
 
 
 def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
@@ -1128,11 +1155,7 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
             if attempt == 2:
                 raise RuntimeError(f"Serve's HTTP proxy did not start: {e}") from None
             logger.warning("adrel serve: Serve's proxy restarted while starting; again")
-    # Before the replicas start: each looks it up once, in its constructor.
-    control = AppControl.options(
-        name=control_name(cfg.app_name), namespace=CONTROL_NAMESPACE, get_if_exists=True
-    ).remote()
-    ray.get(control.reset.remote())
+    control = create_control(cfg.app_name)  # before the replicas: each looks it up once
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + wait_s
     proxy_url = base_url(cfg.host, cfg.serve_proxy_port)

@@ -579,6 +579,47 @@ def test_app_control_passes_reloads_and_drains_between_replicas(ray_local):
     ray.kill(control)
 
 
+def test_app_control_outlives_the_process_that_started_the_app(ray_local):
+    """On a shared cluster the Serve app outlives a SIGKILLed `adrel serve`, and so must its
+    AppControl (detached), or the replicas stop following each other's reloads;
+    remove_control ends it once the app is deleted."""
+    import signal
+
+    from serving.app import CONTROL_NAMESPACE, control_name, remove_control
+
+    ray = ray_local
+    name = control_name("outlives")
+    code = (
+        "import sys, time, ray; from serving.app import create_control; "
+        "ray.init(address=sys.argv[1]); c = create_control('outlives'); "
+        "ray.get(c.announce_reload.remote()); print('ready', flush=True); time.sleep(600)"
+    )
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-c", code, address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    time.sleep(3)  # the cluster notices the driver's death and ends what it owned
+    control = ray.get_actor(name, namespace=CONTROL_NAMESPACE)
+    assert ray.get(control.reload_generation.remote(), timeout=30) == 1
+
+    assert remove_control("outlives")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=CONTROL_NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"{name} still exists after remove_control")
+    assert not remove_control("outlives")
+
+
 def test_scores_equal_the_scorers_in_item_order(service, registry):
     ref = scorers(registry, "v1")
     rows = items(2 * MAX_BATCH + 5)  # more items than one batch holds: split and rejoined
