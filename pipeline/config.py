@@ -315,7 +315,8 @@ def format_validation_error(err: ValidationError) -> list[str]:
             msg = "unknown field"
         # Section-level checks name their values in the message; a field error shows its own.
         value = e.get("input")
-        got = "" if e["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        shown = e["type"] != "missing" and not isinstance(value, dict) and loc != "<config>"
+        got = f" (got {value!r})" if shown else ""
         out += [f"{loc}: {line}{got}" for line in msg.split("\n")]
     return out
 

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from features.tasks import check_task_name
+from pipeline.config import format_validation_error
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
@@ -275,7 +276,7 @@ class ServeConfig(_Section):
         try:
             return cls.model_validate(fields)
         except ValidationError as e:
-            raise ServeConfigError(format_errors(e)) from None
+            raise ServeConfigError(format_validation_error(e)) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -286,21 +287,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def format_errors(err: ValidationError) -> list[str]:
-    """One line per error: `field.path: message (got value)`."""
-    out = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        value = e.get("input")
-        shown = e["type"] != "missing" and not isinstance(value, dict) and loc != "<config>"
-        got = f" (got {value!r})" if shown else ""
-        out += [f"{loc}: {line}{got}" for line in msg.split("\n")]
-    return out
 
 
 def _cores() -> int:
