@@ -241,7 +241,11 @@ def evict_cache(
         try:
             max_mb = float(raw)
         except ValueError:
-            raise ModelURIError(f"ADREL_MODEL_CACHE_MAX_MB={raw!r} is not a number") from None
+            max_mb = float("nan")
+        if not 0 <= max_mb < float("inf"):
+            raise ModelURIError(
+                f"ADREL_MODEL_CACHE_MAX_MB={raw!r} is not a number of megabytes >= 0"
+            )
     root = cache_root()
     entries = []  # (last use, size, path)
     for stamp in root.glob(f"*/*/{_COMPLETE}"):
@@ -255,10 +259,15 @@ def evict_cache(
     total = sum(size for _, size, _ in entries)
     removed = []
     now = time.time()
-    for used, size, entry in sorted(entries, key=lambda e: e[0]):
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):
         if total <= max_mb * 1024 * 1024:
             break
-        if now - used < min_idle_s or (keep is not None and entry == keep):
+        if keep is not None and entry == keep:
+            continue
+        try:  # its use as of now, not as of the scan: a reader may have just touched it
+            if now - (entry / _COMPLETE).stat().st_mtime < min_idle_s:
+                continue
+        except OSError:
             continue
         # Renamed first, so no reader ever sees a half-removed entry as complete.
         trash = entry.with_name(entry.name + f".evicted-{os.getpid()}")

@@ -272,9 +272,10 @@ def test_the_model_cache_evicts_the_least_recently_used_entries(
     assert mu.evict_cache(keep=entry2) == []  # v2 is in use: the cache may stay over
     again = mu.resolve_model("models:/adrel-c/1").path  # downloaded again
     assert again == v1 and any(again.rglob("model.onnx"))
-    monkeypatch.setenv("ADREL_MODEL_CACHE_MAX_MB", "lots")
-    with pytest.raises(mu.ModelURIError, match="ADREL_MODEL_CACHE_MAX_MB='lots'"):
-        mu.evict_cache()
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("ADREL_MODEL_CACHE_MAX_MB", bad)
+        with pytest.raises(mu.ModelURIError, match=f"ADREL_MODEL_CACHE_MAX_MB='{bad}'"):
+            mu.evict_cache()
 
 
 @pytest.mark.parametrize(
