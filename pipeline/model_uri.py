@@ -17,6 +17,7 @@ never imports torch or transformers, and mlflow only when a URI needs it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import re
@@ -154,10 +155,11 @@ def resolve_model(
         if dst is None and status == "FINISHED":  # a finished run's artifacts stay as they are
             digest = hashlib.sha256(ref.path.encode()).hexdigest()[:10]
             cached = _cache_dir(turi, f"run-{ref.run_id}-{digest}")
-    if cached is not None and (cached / _COMPLETE).is_file():
-        (cached / _COMPLETE).touch()  # last use, for eviction
-        local = (cached / _COMPLETE).read_text().strip()
-        return ResolvedModel(ref.uri, Path(local), name, version, ref.alias, run_id)
+    hit = _cache_hit(cached) if cached is not None else None
+    if hit is not None:
+        return ResolvedModel(ref.uri, hit, name, version, ref.alias, run_id)
+    if cached is not None and cached.exists():  # files deleted from it by hand: replaced
+        _discard(cached)
     if dst is not None:
         out = Path(dst)
     elif cached is not None:
@@ -196,6 +198,7 @@ _COMPLETE = ".adrel-complete"
 # used in the last hour (a process may be about to load them).
 DEFAULT_CACHE_MAX_MB = 20 * 1024
 CACHE_MIN_IDLE_S = 3600.0
+CACHE_STALE_DOWNLOAD_S = 24 * 3600.0  # an unfinished download older than this was abandoned
 _TEMP_DOWNLOADS: list[Path] = []
 
 
@@ -213,6 +216,30 @@ def _cache_dir(tracking_uri: str | None, key: str) -> Path:
     # Keyed by tracking store too: two sqlite files may both hold "adrel-x" version 1.
     store = hashlib.sha256(str(tracking_uri).encode()).hexdigest()[:12]
     return cache_root() / store / key
+
+
+def _cache_hit(cached: Path) -> Path | None:
+    """The payload folder of a complete cache entry, its use recorded; None when the entry is
+    missing or was evicted meanwhile."""
+    stamp = cached / _COMPLETE
+    try:
+        local = Path(stamp.read_text().strip())
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):  # a read-only cache is used as it is
+        stamp.touch()  # the last use, for eviction
+    return local if local.is_dir() else None
+
+
+def _discard(entry: Path) -> bool:
+    """Remove a cache entry; renamed first, so no reader sees a half-removed one as whole."""
+    trash = entry.with_name(f"{entry.name}.discarded-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        entry.rename(trash)
+    except OSError:  # gone already, or another process is removing it
+        return False
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
 
 
 def _temp_download_dir() -> Path:
@@ -259,6 +286,11 @@ def evict_cache(
     total = sum(size for _, size, _ in entries)
     removed = []
     now = time.time()
+    # What a process killed mid-download or mid-removal left behind.
+    for left in [*root.glob("*/*.tmp-*"), *root.glob("*/*.discarded-*")]:
+        with contextlib.suppress(OSError):
+            if now - left.stat().st_mtime > CACHE_STALE_DOWNLOAD_S:
+                shutil.rmtree(left)
     for _, size, entry in sorted(entries, key=lambda e: e[0]):
         if total <= max_mb * 1024 * 1024:
             break
@@ -269,15 +301,9 @@ def evict_cache(
                 continue
         except OSError:
             continue
-        # Renamed first, so no reader ever sees a half-removed entry as complete.
-        trash = entry.with_name(entry.name + f".evicted-{os.getpid()}")
-        try:
-            entry.rename(trash)
-        except OSError:
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
-        total -= size
-        removed.append(entry)
+        if _discard(entry):
+            total -= size
+            removed.append(entry)
     return removed
 
 
@@ -289,11 +315,12 @@ def _publish_cache(tmp: Path, local: Path, cached: Path) -> Path:
         tmp.rename(cached)
     except OSError:  # another process cached it first: use theirs, drop ours
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (cached / _COMPLETE).is_file():
+        hit = _cache_hit(cached)
+        if hit is None:
             raise ModelURIError(
                 f"model cache {cached} is incomplete; delete it and retry"
             ) from None
-        return Path((cached / _COMPLETE).read_text().strip())
+        return hit
     return final
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -225,6 +226,10 @@ def test_a_finished_runs_artifacts_are_cached_and_a_running_ones_removed_at_exit
     assert first.path == again.path and (first.path / "model.onnx").is_file()
     assert mu.cache_root() in first.path.parents
     assert list(tmp.iterdir()) == []  # nothing left in the temp folder
+    # Files deleted by hand from a cache entry: the entry is downloaded again.
+    shutil.rmtree(first.path)
+    again = mu.resolve_model(f"runs:/{done}/export-c")
+    assert again.path == first.path and (again.path / "model.onnx").is_file()
 
     # A run still in progress may get more artifacts: downloaded afresh each time, into a
     # temporary folder that goes when the process exits.
@@ -270,6 +275,14 @@ def test_the_model_cache_evicts_the_least_recently_used_entries(
     entry2 = next(p for p in [v2, *v2.parents] if (p / ".adrel-complete").is_file())
     assert mu.evict_cache() == [stamp] and not stamp.exists() and v2.is_dir()
     assert mu.evict_cache(keep=entry2) == []  # v2 is in use: the cache may stay over
+    # Downloads a killed process left unfinished go after a day, not before.
+    abandoned, ongoing = entry2.parent / "adrel-c-v3.tmp-a", entry2.parent / "adrel-c-v4.tmp-b"
+    for d in (abandoned, ongoing):
+        (d / "artifacts").mkdir(parents=True)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(abandoned, (two_days_ago, two_days_ago))
+    mu.evict_cache()
+    assert not abandoned.exists() and ongoing.is_dir()
     again = mu.resolve_model("models:/adrel-c/1").path  # downloaded again
     assert again == v1 and any(again.rglob("model.onnx"))
     for bad in ("lots", "-1", "nan"):
