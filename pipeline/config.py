@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.config import AdapterConfig, ConfigError
 from models.encoder import DEFAULT_ENCODER
+from pipeline.config_errors import format_validation_error
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ALL_TASKS = "all"
@@ -303,22 +304,6 @@ def apply_overrides(d: dict, overrides: list[tuple[list[str], Any]]) -> list[str
         else:
             node[path[-1]] = value
     return errors
-
-
-def format_validation_error(err: ValidationError) -> list[str]:
-    """One line per error: `field.path: message (got value)`."""
-    out = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        # Section-level checks name their values in the message; a field error shows its own.
-        value = e.get("input")
-        shown = e["type"] != "missing" and not isinstance(value, dict) and loc != "<config>"
-        got = f" (got {value!r})" if shown else ""
-        out += [f"{loc}: {line}{got}" for line in msg.split("\n")]
-    return out
 
 
 def validate_config(model: type[BaseModel], d: dict | None, overrides: list[str] | None = None):

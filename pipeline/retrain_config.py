@@ -17,10 +17,10 @@ from pipeline.config import (
     RUN_NAME_RE,
     TrainConfig,
     _Section,
-    format_validation_error,
     read_yaml,
     validate_config,
 )
+from pipeline.config_errors import format_validation_error
 
 
 class WindowSection(_Section):
