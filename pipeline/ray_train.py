@@ -19,8 +19,11 @@ Nothing here starts Ray: the job does (jobs.runtime.ensure_ray).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import secrets
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -400,6 +403,16 @@ def _worker_log(msg: str) -> None:
     logging.getLogger("adrel.train").info(msg)
 
 
+def checkpoint_staging_dir(storage_path: str, run_name: str) -> Path:
+    """Where rank 0 writes a checkpoint before Ray Train persists it: one local folder per run,
+    emptied before each checkpoint and removed after it. A worker killed in between (inside
+    ray.train.report, say) leaves this one folder, which the resumed run clears, instead of a
+    new temporary folder a kill."""
+    key = hashlib.sha256(f"{storage_path}\0{run_name}".encode()).hexdigest()[:12]
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"adrel-ckpt-{uid}-{key}"
+
+
 class RayReporter(Callback):
     """Reports to Ray Train on every rank at the same steps; MLflow and files on rank 0."""
 
@@ -517,8 +530,10 @@ class RayReporter(Callback):
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return name, metrics
-        with tempfile.TemporaryDirectory(prefix="adrel-ckpt-") as tmp:
-            d = Path(tmp) / name
+        staging = checkpoint_staging_dir(self.wc["storage_path"], self.cfg.run_name)
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed attempt left
+        try:
+            d = staging / name
             self._write_checkpoint(loop, state, d, final)
             ray.train.report(
                 metrics,
@@ -527,6 +542,8 @@ class RayReporter(Callback):
             )
             if final and self.client is not None:
                 self.client.log_artifacts(self.run_id, str(d), "checkpoint")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return name, metrics
 
     def _write_checkpoint(self, loop: TrainLoop, state: dict, d: Path, final: bool) -> None:

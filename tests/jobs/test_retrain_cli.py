@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,3 +206,10 @@ def test_sigkill_during_training_then_rerun_completes_once(tmp_path):
     assert _versions(work, "adrel-mtl") == ["1"]
     for task in ("brand_protect", "broad_match", "exact_match", "shopping"):
         assert _versions(work, f"adrel-{task}") == ["1"]
+    # The killed attempt's checkpoint staging folder was cleared by the resumed run.
+    left = [
+        c.parent.parent.name
+        for c in Path(tempfile.gettempdir()).glob("adrel-ckpt-*/*/config.json")
+        if str(work) in c.read_text()
+    ]
+    assert left == [], left
