@@ -1131,7 +1131,6 @@ class Endpoints:
     url: str
     proxy_url: str
     replica_urls: tuple[str, ...] = ()
-    control: Any = field(default=None, compare=False, repr=False)  # the app's AppControl
 
 
 def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
@@ -1155,14 +1154,14 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
             if attempt == 2:
                 raise RuntimeError(f"Serve's HTTP proxy did not start: {e}") from None
             logger.warning("adrel serve: Serve's proxy restarted while starting; again")
-    control = create_control(cfg.app_name)  # before the replicas: each looks it up once
+    create_control(cfg.app_name)  # before the replicas: each looks it up once
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + wait_s
     proxy_url = base_url(cfg.host, cfg.serve_proxy_port)
     while not answers(cfg.host, cfg.serve_proxy_port) and time.monotonic() < deadline:
         time.sleep(0.25)  # the proxy learns the app's route a moment after it is up
     if cfg.ingress == "proxy":
-        return Endpoints(proxy_url, proxy_url, control=control)
+        return Endpoints(proxy_url, proxy_url)
     replicas = replica_urls(cfg, max(0.0, deadline - time.monotonic()))
     if not replicas:
         ports = cfg.replica_ports
@@ -1172,7 +1171,7 @@ def start(cfg: ServeConfig, wait_s: float = 60.0) -> Endpoints:
             + ", ".join(f"{k}={v}" for k, v in cfg.ray_env().items())
             + " (adrel serve sets this for a cluster it starts); or use --ingress proxy"
         )
-    return Endpoints(replicas[0], proxy_url, tuple(replicas), control=control)
+    return Endpoints(replicas[0], proxy_url, tuple(replicas))
 
 
 def replica_urls(cfg: ServeConfig, wait_s: float = 60.0) -> list[str]:
