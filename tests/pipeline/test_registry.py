@@ -183,22 +183,6 @@ def test_checkpoint_one_version_per_training_run(
     assert mu.task_model_versions("adrel", "challenger") == {}
 
 
-def test_runs_uri_and_custom_prefix(exported, client, cache, tmp_path):
-    _, out = exported
-    exp = client.create_experiment("manual", artifact_location=(tmp_path / "art").as_uri())
-    run_id = client.create_run(exp).info.run_id
-    client.log_artifacts(run_id, str(out / "c"), "export-c")
-    assert list(load_scorers(f"runs:/{run_id}/export-c")) == ["c"]
-    res = mu.resolve_model(f"runs:/{run_id}/export-c")
-    assert res.run_id == run_id and (res.path / "model.onnx").is_file()
-
-    register_export(out, prefix="shop", tasks=["a", "b"])
-    assert sorted(load_scorers("models:/shop@challenger")) == ["a", "b"]
-    assert [m["name"] for m in list_models("shop")] == ["shop-a", "shop-b"]
-    with pytest.raises(RegistryError, match="prefix"):
-        list_models("bad/prefix")
-
-
 def _logged_run(client, out, tmp_path, finished: bool) -> str:
     exp = client.create_experiment(
         f"runs-{finished}", artifact_location=(tmp_path / f"art-{finished}").as_uri()
@@ -208,6 +192,20 @@ def _logged_run(client, out, tmp_path, finished: bool) -> str:
     if finished:
         client.set_terminated(run_id)
     return run_id
+
+
+def test_runs_uri_and_custom_prefix(exported, client, cache, tmp_path):
+    _, out = exported
+    run_id = _logged_run(client, out, tmp_path, finished=False)
+    assert list(load_scorers(f"runs:/{run_id}/export-c")) == ["c"]
+    res = mu.resolve_model(f"runs:/{run_id}/export-c")
+    assert res.run_id == run_id and (res.path / "model.onnx").is_file()
+
+    register_export(out, prefix="shop", tasks=["a", "b"])
+    assert sorted(load_scorers("models:/shop@challenger")) == ["a", "b"]
+    assert [m["name"] for m in list_models("shop")] == ["shop-a", "shop-b"]
+    with pytest.raises(RegistryError, match="prefix"):
+        list_models("bad/prefix")
 
 
 def test_a_finished_runs_artifacts_are_cached_and_a_running_ones_removed_at_exit(
