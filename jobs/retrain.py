@@ -41,12 +41,12 @@ def retrain(config, overrides=(), run_name=None, address=None, num_cpus=None, lo
     from pipeline.retrain_config import load_retrain_config
 
     try:
-        cfg = load_retrain_config(config, list(overrides))
+        cfg = load_retrain_config(config, list(overrides), {"run_name": run_name})
     except ConfigError as e:
         raise UserError(str(e)) from None
     started = ensure_ray(address, num_cpus=num_cpus, state_api=True)
     try:
-        return Retrain(cfg, run_name, log=log).run()
+        return Retrain(cfg, log=log).run()
     except LockBusy as e:
         raise UserError(str(e), exit_code=EXIT_LOCKED) from None
     except StageFailed as e:

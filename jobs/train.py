@@ -94,12 +94,11 @@ def train(
     from pipeline.ray_train import DataError, TrainingFailed, preflight, run_training
 
     overrides = list(overrides)
-    if run_name:
-        overrides.append(f"run_name={run_name}")
     if address:
         overrides.append(f"scaling.address={address}")
     try:
-        cfg = load_config(config, overrides)
+        # The run name as typed (--set would read 2026-11-29 as a date).
+        cfg = load_config(config, overrides, {"run_name": run_name})
         preflight(cfg)  # data problems surface before a cluster is started
     except (ConfigError, DataError) as e:
         raise UserError(str(e)) from None

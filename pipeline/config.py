@@ -22,6 +22,18 @@ RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ALL_TASKS = "all"
 
 
+def check_run_name(v: Any) -> str | None:
+    """A run name is also a folder and an MLflow run name: 1-128 safe characters."""
+    if v is not None and not isinstance(v, str):
+        # YAML (a config file, --set) reads 2026-11-29 as a date and 0123 as a number.
+        raise ValueError("a run name is text: quote it in YAML or --set (run_name='2026-11-29')")
+    if v is not None and not RUN_NAME_RE.match(v):
+        raise ValueError(
+            "use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -246,14 +258,7 @@ class TrainConfig(_Section):
     workdir: str = "adrel-work"
     run_name: str | None = None
 
-    @field_validator("run_name")
-    @classmethod
-    def _check_run_name(cls, v):
-        if v is not None and not RUN_NAME_RE.match(v):
-            raise ValueError(
-                "use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
-            )
-        return v
+    _check_run_name = field_validator("run_name", mode="before")(check_run_name)
 
     def storage_path(self) -> str:
         """Ray Train storage: the configured path/URI, else an absolute `<workdir>/ray_results`."""
@@ -306,11 +311,19 @@ def apply_overrides(d: dict, overrides: list[tuple[list[str], Any]]) -> list[str
     return errors
 
 
-def validate_config(model: type[BaseModel], d: dict | None, overrides: list[str] | None = None):
-    """`model` validated from dict `d` plus dotted overrides; ConfigError lists every problem."""
+def validate_config(
+    model: type[BaseModel],
+    d: dict | None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+):
+    """`model` validated from dict `d` plus dotted overrides, then `values` (top-level fields
+    given as they are, not parsed as YAML: a command-line option such as --run-name);
+    ConfigError lists every problem."""
     d = dict(d or {})
     parsed, errors = parse_overrides(overrides)
     errors += apply_overrides(d, parsed)
+    d.update({k: v for k, v in (values or {}).items() if v is not None})
     try:
         cfg = model.model_validate(d)
     except ValidationError as e:
@@ -334,14 +347,20 @@ def read_yaml(path: str | Path) -> dict:
     return d
 
 
-def build_config(d: dict | None, overrides: list[str] | None = None) -> TrainConfig:
+def build_config(
+    d: dict | None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> TrainConfig:
     """Validate a config dict (plus overrides); raise ConfigError listing every problem."""
-    return validate_config(TrainConfig, d, overrides)
+    return validate_config(TrainConfig, d, overrides, values)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> TrainConfig:
     """Read a YAML config file (or start empty when path is None) and apply dotted overrides."""
-    return build_config(read_yaml(path) if path is not None else {}, overrides)
+    return build_config(read_yaml(path) if path is not None else {}, overrides, values)
 
 
 def preset_dir() -> Path:

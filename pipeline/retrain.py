@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.lock import RunLock
-from pipeline.retrain_config import RetrainConfig
+from pipeline.retrain_config import TRAIN_RUN_SUFFIX, RetrainConfig
 from pipeline.stages import StageLog, hash_path, hash_value
 
 EXIT_OK = 0  # every task promoted (or already champion)
@@ -55,11 +55,9 @@ def default_run_name() -> str:
 class Retrain:
     """One retrain run. `run()` needs Ray running (the job starts or joins it)."""
 
-    def __init__(
-        self, cfg: RetrainConfig, run_name: str | None = None, log: Callable[[str], None] = print
-    ):
+    def __init__(self, cfg: RetrainConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
-        self.run_name = run_name or cfg.run_name or default_run_name()
+        self.run_name = cfg.run_name or default_run_name()
         self.workdir = Path(cfg.workdir).resolve()
         self.run_dir = self.workdir / "retrain" / self.run_name
         self.state = StageLog(self.run_dir / "state.json")
@@ -207,7 +205,7 @@ class Retrain:
         from pipeline.ray_train import run_training
 
         tcfg = self.cfg.train_config(
-            f"{self.run_name}-train", ingest["train"]["clean"], ingest["dev"]["clean"]
+            f"{self.run_name}{TRAIN_RUN_SUFFIX}", ingest["train"]["clean"], ingest["dev"]["clean"]
         )
         res = run_training(tcfg, config_text=json.dumps(tcfg.to_dict(), indent=2), config_name="train.json",
                            log=self.log)  # fmt: skip

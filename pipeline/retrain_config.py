@@ -14,13 +14,15 @@ from pydantic import Field, ValidationError, field_validator
 
 from models.config import ConfigError
 from pipeline.config import (
-    RUN_NAME_RE,
     TrainConfig,
     _Section,
+    check_run_name,
     read_yaml,
     validate_config,
 )
 from pipeline.config_errors import format_validation_error
+
+TRAIN_RUN_SUFFIX = "-train"  # the retrain run's training run: <run_name>-train
 
 
 class WindowSection(_Section):
@@ -132,12 +134,15 @@ class RetrainConfig(_Section):
     inventory: InventorySection = Field(default_factory=InventorySection)
     lock: LockSection = Field(default_factory=LockSection)
 
+    _check_run_name = field_validator("run_name", mode="before")(check_run_name)
+
     @field_validator("run_name")
     @classmethod
-    def _check_run_name(cls, v):
-        if v is not None and not RUN_NAME_RE.match(v):
+    def _fits_train_run_name(cls, v):
+        if v is not None and len(v) > 128 - len(TRAIN_RUN_SUFFIX):
             raise ValueError(
-                "use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
+                f"at most {128 - len(TRAIN_RUN_SUFFIX)} characters: its training run is named "
+                f"<run_name>{TRAIN_RUN_SUFFIX}"
             )
         return v
 
@@ -187,6 +192,9 @@ class RetrainConfig(_Section):
         return Path(self.workdir) / "locks" / f"retrain-{self.registry.prefix}.lock"
 
 
-def load_retrain_config(path: str | Path, overrides: list[str] | None = None) -> RetrainConfig:
-    """Read a retrain YAML and apply dotted overrides; ConfigError lists every problem."""
-    return validate_config(RetrainConfig, read_yaml(path), overrides)
+def load_retrain_config(
+    path: str | Path, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> RetrainConfig:
+    """Read a retrain YAML and apply dotted overrides (and `values`, top-level fields as they
+    are); ConfigError lists every problem."""
+    return validate_config(RetrainConfig, read_yaml(path), overrides, values)

@@ -132,9 +132,10 @@ def test_a_second_retrain_is_refused_while_the_lock_is_held(demo_run, tmp_path):
 
 def test_bad_retrain_config_lists_every_error(tmp_path):
     res = adrel(["retrain", "--config", TINY, "--set", "train.optim.lr=-1", "--set", "registry.prefix=a/b",
-                 "--set", "evaluation.gates.nope=1"], _env(tmp_path), tmp_path, timeout=120)  # fmt: skip
+                 "--set", "evaluation.gates.nope=1", "--run-name", "../up"],
+                _env(tmp_path), tmp_path, timeout=120)  # fmt: skip
     assert res.returncode == 2
-    for needle in ("optim.lr", "registry.prefix", "unknown gate"):
+    for needle in ("optim.lr", "registry.prefix", "unknown gate", "run_name", "'../up'"):
         assert needle in res.stderr
     assert "Traceback" not in res.stderr
 

@@ -66,6 +66,8 @@ def test_bad_config_reports_every_error_and_exits_2(tmp_path, tiny_encoder_dir, 
             "scaling.num_workers=0",
             "--set",
             "optim.bogus=3",
+            "--run-name",
+            "2026-11-29",  # a name, though YAML would read a date
         ]
     )
     err = capsys.readouterr().err
@@ -81,6 +83,7 @@ def test_bad_config_reports_every_error_and_exits_2(tmp_path, tiny_encoder_dir, 
         "optim.bogus: unknown field",
     ):
         assert needle in err, err
+    assert "run_name" not in err, err
     assert "Traceback" not in err
     assert ray.is_initialized() == was_running  # refused before any cluster was started
 

@@ -159,3 +159,27 @@ def test_steps_or_epochs():
         build_config(MINIMAL, ["optim.epochs=null"])
     cfg = build_config(MINIMAL, ["optim.max_steps=5"])
     assert cfg.optim.max_steps == 5 and cfg.optim.epochs == 1.0  # max_steps wins when set
+
+
+def test_run_name_as_typed_and_yaml_scalars_refused_with_a_hint():
+    from pipeline.retrain_config import load_retrain_config
+
+    # --run-name passes the name as typed: a date-like or numeric name is a name.
+    for name in ("2026-11-29", "0123", "nightly-2026-11-29"):
+        assert build_config(MINIMAL, values={"run_name": name}).run_name == name
+    # In YAML (a config file, --set) the same text is a date or a number: refused, with a hint.
+    with pytest.raises(ConfigError) as e:
+        build_config(MINIMAL, ["run_name=2026-11-29", "optim.lr=-1"])
+    assert "run_name: a run name is text: quote it" in str(e.value)
+    assert "optim.lr" in str(e.value)  # still every error at once
+    assert build_config(MINIMAL, ["run_name='2026-11-29'"]).run_name == "2026-11-29"
+    # A values entry that is None leaves the file's setting alone.
+    assert build_config({**MINIMAL, "run_name": "a"}, values={"run_name": None}).run_name == "a"
+
+    # The retraining job names its training run <run_name>-train, which must fit 128 characters.
+    demo = preset_dir() / "retrain-demo.yaml"
+    assert load_retrain_config(demo, values={"run_name": "r" * 122}).run_name == "r" * 122
+    with pytest.raises(ConfigError, match="run_name: at most 122 characters"):
+        load_retrain_config(demo, values={"run_name": "r" * 123})
+    with pytest.raises(ConfigError, match="quote it"):
+        load_retrain_config(demo, ["run_name=20261129"])
