@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from jobs.cli import UserError
+from jobs.runtime import cpu_count_arg
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted key (repeatable)")  # fmt: skip
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (local only)")
+    p.add_argument(
+        "--num-cpus", type=cpu_count_arg, help="CPUs of the local Ray cluster (local only)"
+    )
     p.set_defaults(func=run)
 
 

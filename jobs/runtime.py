@@ -5,11 +5,23 @@ Library code below jobs/ never calls ray.init or picks a tracking URI: jobs do, 
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 from pathlib import Path
 
 DEFAULT_WORKDIR = "adrel-work"
+
+
+def cpu_count_arg(text: str) -> int:
+    """argparse type of --num-cpus: a whole number of CPUs, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of CPUs, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 CPU, got {n}")
+    return n
 
 
 def set_env_defaults() -> None:

@@ -23,6 +23,8 @@ import socket
 import sys
 import threading
 
+from jobs.runtime import cpu_count_arg
+
 EPILOG = """\
 model URIs: an export directory (index.json, or one task's directory),
 models:/<prefix>-<task>@<alias>, models:/adrel@champion (every adrel-<task> at that alias).
@@ -121,7 +123,7 @@ def register(subparsers) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: env, else workdir)")
     p.add_argument("--workdir", default=None, help="work directory of the default MLflow store")
     p.add_argument("--ray-address", help="connect to this Ray cluster (default: start one)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
+    p.add_argument("--num-cpus", type=cpu_count_arg, help="CPUs of the local Ray cluster")
     p.set_defaults(func=run)
 
 

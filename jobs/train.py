@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from jobs.cli import UserError
+from jobs.runtime import cpu_count_arg
 
 
 def register(subparsers) -> None:
@@ -38,7 +39,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--run-name", help="run name; an existing run of that name is resumed")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (local only)")
+    p.add_argument(
+        "--num-cpus", type=cpu_count_arg, help="CPUs of the local Ray cluster (local only)"
+    )
     add_onboard_arguments(p)
     p.set_defaults(func=run)
 

@@ -35,7 +35,8 @@ def check_run_name(v: Any) -> str | None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan and inf pass every `>= 0` bound; no setting here means them (YAML: .nan, .inf).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticSection(_Section):

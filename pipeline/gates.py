@@ -73,26 +73,7 @@ class GateConfig:
             raise GateConfigError("invalid gate configuration:\n  - " + "\n  - ".join(errors))
 
     def errors(self) -> list[str]:
-        e = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in ("use_ci", "absolute_always"):
-                if not isinstance(v, bool):
-                    e.append(f"{f.name} must be true or false, got {v!r}")
-            elif f.name == "min_rows":
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    e.append(f"min_rows must be an integer >= 0, got {v!r}")
-            elif v is not None and (
-                not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-            ):
-                e.append(f"{f.name} must be a number or none, got {v!r}")
-            elif v is not None and f.name.startswith(("max_", "min_")) and v < 0:
-                e.append(f"{f.name} must be >= 0, got {v!r}")
-        for name in ("min_roc_auc", "min_pr_auc"):
-            v = getattr(self, name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1:
-                e.append(f"{name} must be <= 1, got {v!r}")
-        return e
+        return _value_errors(asdict(self))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,9 +96,33 @@ class GateConfig:
                 current[key] = _parse(key, raw)
             except ValueError as exc:
                 errors.append(str(exc))
+        errors += _value_errors(current)  # out-of-range values too, in the same message
         if errors:
             raise GateConfigError("invalid gate configuration:\n  - " + "\n  - ".join(errors))
         return cls(**current)
+
+
+def _value_errors(values: dict) -> list[str]:
+    """Every bad value among the gate settings (a dict of GateConfig's fields)."""
+    e = []
+    for name, v in values.items():
+        if name in ("use_ci", "absolute_always"):
+            if not isinstance(v, bool):
+                e.append(f"{name} must be true or false, got {v!r}")
+        elif name == "min_rows":
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                e.append(f"min_rows must be an integer >= 0, got {v!r}")
+        elif v is not None and (
+            not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+        ):
+            e.append(f"{name} must be a number or none, got {v!r}")
+        elif v is not None and name.startswith(("max_", "min_")) and v < 0:
+            e.append(f"{name} must be >= 0, got {v!r}")
+    for name in ("min_roc_auc", "min_pr_auc"):
+        v = values.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1:
+            e.append(f"{name} must be <= 1, got {v!r}")
+    return e
 
 
 def _pairs(overrides: dict[str, str] | list[str]) -> list[tuple[str, str]]:

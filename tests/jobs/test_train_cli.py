@@ -88,6 +88,14 @@ def test_bad_config_reports_every_error_and_exits_2(tmp_path, tiny_encoder_dir, 
     assert ray.is_initialized() == was_running  # refused before any cluster was started
 
 
+def test_num_cpus_is_a_whole_number_of_at_least_one(capsys):
+    for command in ("train", "retrain", "serve"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--num-cpus", "-3"])
+        assert e.value.code == 2
+        assert "argument --num-cpus: at least 1 CPU, got -3" in capsys.readouterr().err
+
+
 def test_missing_config_and_missing_task_data(tmp_path, tiny_encoder_dir, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

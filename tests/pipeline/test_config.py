@@ -183,3 +183,18 @@ def test_run_name_as_typed_and_yaml_scalars_refused_with_a_hint():
         load_retrain_config(demo, values={"run_name": "r" * 123})
     with pytest.raises(ConfigError, match="quote it"):
         load_retrain_config(demo, ["run_name=20261129"])
+
+
+def test_nan_and_inf_are_refused_where_a_number_is_asked():
+    from pipeline.retrain_config import load_retrain_config
+
+    with pytest.raises(ConfigError) as e:
+        build_config(
+            MINIMAL,
+            ["optim.lr=.inf", "model.adapter.tau=.nan", "scaling.resources_per_worker.CPU=.nan"],
+        )
+    msg = str(e.value)
+    for field in ("optim.lr", "model.adapter.tau", "scaling.resources_per_worker.CPU"):
+        assert f"{field}: Input should be a finite number" in msg, msg
+    with pytest.raises(ConfigError, match="lock.stale_after_s: Input should be a finite number"):
+        load_retrain_config(preset_dir() / "retrain-demo.yaml", ["lock.stale_after_s=.inf"])

@@ -115,10 +115,15 @@ def test_overrides_parse_and_report_every_error():
     assert (cfg.max_roc_auc_drop, cfg.max_ece, cfg.use_ci, cfg.min_rows) == (0.01, None, True, 50)
     assert GateConfig.from_overrides({"max_pr_auc_drop": "0.001"}).max_pr_auc_drop == 0.001
     with pytest.raises(GateConfigError) as e:
-        GateConfig.from_overrides(["max_roc_auc_drop=abc", "nope=1", "use_ci=maybe"])
+        GateConfig.from_overrides(
+            ["max_roc_auc_drop=abc", "nope=1", "use_ci=maybe", "min_rows=-3", "max_ece=nan"]
+        )
     msg = str(e.value)
     assert "max_roc_auc_drop must be a number or none, got 'abc'" in msg
     assert "unknown gate 'nope'" in msg and "use_ci must be true or false" in msg
+    # Values that parse but are out of range are listed with the ones that do not parse.
+    assert "min_rows must be an integer >= 0, got -3" in msg
+    assert "max_ece must be a number or none, got nan" in msg
     with pytest.raises(GateConfigError, match="not key=value"):
         GateConfig.from_overrides(["max_ece"])
     with pytest.raises(GateConfigError) as e:
