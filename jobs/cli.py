@@ -64,14 +64,33 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"adrel {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, KeyError) as e:
         # Library code raises these with actionable messages (bad config, bad input, paths).
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"adrel {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:
+        code = _mlflow_exit_code(e)
+        if code is None:
+            raise
+        # MLflow's own message names the URI, model or run (e.g. an unsupported URI scheme).
+        print(f"adrel {args.command}: error: MLflow: {e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"adrel {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# MLflow error codes that mean the request was wrong (exit 2), not the service (exit 1).
+MLFLOW_BAD_REQUEST = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
+
+
+def _mlflow_exit_code(e: Exception) -> int | None:
+    """2 or 1 for an MlflowException (a bad request, or anything else), None otherwise."""
+    exceptions = sys.modules.get("mlflow.exceptions")  # only if something loaded MLflow
+    if exceptions is None or not isinstance(e, exceptions.MlflowException):
+        return None
+    return 2 if getattr(e, "error_code", None) in MLFLOW_BAD_REQUEST else 1
 
 
 def _version() -> str:

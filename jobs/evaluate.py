@@ -11,6 +11,7 @@ gate (the report is still written: the retraining job and schedulers act on the 
 from __future__ import annotations
 
 import argparse
+import re
 
 EXIT_OK = 0
 EXIT_GATE_FAILED = 3
@@ -148,8 +149,15 @@ def _thresholds(items: list[str]) -> dict[str, float]:
 
 
 def _device(name: str) -> str | None:
-    if name != "auto":
-        return name
     import torch
 
-    return "cuda" if torch.cuda.is_available() else None
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+    if m is None:
+        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(m[1] or 0) >= have:
+            raise ValueError(f"--device {name!r}: this machine has {have} usable CUDA device(s)")
+    return name

@@ -142,7 +142,8 @@ def evaluate(
     """
     cfg = _config(config, tasks, gates, slice_column, thresholds, overrides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"output {out} is a file, not a directory")
     started = time.time()
 
     data = load_eval_data(data_dir, cfg.tasks)  # first: bad data fails before models load
@@ -155,6 +156,12 @@ def evaluate(
         else None
     )
     task_list = _select_tasks(cfg, data, challenger)
+    unknown = sorted(set(cfg.thresholds) - set(task_list))
+    if unknown:
+        raise EvaluationError(
+            f"threshold(s) given for task(s) {unknown}, which are not evaluated; "
+            f"evaluated tasks: {task_list}"
+        )
     rows, quarantine = data.rows, data.quarantine
     selected = rows["task"].isin(task_list).to_numpy()
     if not selected.all():  # valid rows of tasks the model does not have: kept, with the reason
@@ -191,6 +198,7 @@ def evaluate(
         diagnostics=challenger.diagnostics(),
         elapsed_s=round(time.time() - started, 1),
     )
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails leaves no empty folder
     paths = _write_outputs(out, rows, scores, quarantine, report_data)
     verdicts = report_data.pop("_verdicts")
     result = EvalResult(
@@ -290,6 +298,12 @@ def load_eval_data(data_dir: str | os.PathLike, tasks: list[str] | None = None) 
         all_rows["reason"].notna(), _row_problems(all_rows)
     )
     bad = all_rows["reason"].notna()
+    if bad.all():
+        reasons = all_rows["reason"].value_counts().to_dict()
+        raise EvaluationError(
+            f"none of the {len(all_rows)} rows under {root} can be evaluated: {reasons} "
+            "(each file needs query, ad_title and a 0/1 label column)"
+        )
     rows = all_rows[~bad].drop(columns="reason").reset_index(drop=True)
     rows["label"] = pd.to_numeric(rows["label"]).astype(np.int64)
     if "grade" in rows:

@@ -85,6 +85,8 @@ class MetricConfig:
             errors.append(f"ndcg_ks must be positive integers, got {self.ndcg_ks!r}")
         if not isinstance(self.n_boot, int) or self.n_boot < 0:
             errors.append(f"n_boot must be an integer >= 0, got {self.n_boot!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            errors.append(f"seed must be an integer >= 0, got {self.seed!r}")
         if not 0 < self.ci < 1:
             errors.append(f"ci must be in (0, 1), got {self.ci!r}")
         if not 0 < self.min_valid_fraction <= 1:

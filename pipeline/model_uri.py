@@ -95,10 +95,25 @@ def parse_model_uri(uri: str | os.PathLike) -> ModelRef:
     return ModelRef(s, "local", path=s)
 
 
+def require_store(tracking_uri: str) -> None:
+    """Reading from a local sqlite store that is not there is a mistake (a mistyped path, the
+    wrong work directory), not a request for a new empty store: MLflow would create one."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+    if str(path) != ":memory:" and not path.is_file():
+        raise ModelURIError(
+            f"no MLflow store at {tracking_uri!r}: {path} does not exist; point --tracking-uri "
+            "(or MLFLOW_TRACKING_URI) at the store the model is registered in"
+        )
+
+
 def _client(tracking_uri: str | None):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    require_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 

@@ -106,6 +106,17 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _reading_client(tracking_uri: str | None):
+    """A client for reading (list, promote): the store must already exist."""
+    from pipeline.model_uri import ModelURIError, require_store
+
+    try:
+        require_store(_tracking_uri(tracking_uri))
+    except ModelURIError as e:
+        raise RegistryError(str(e)) from None
+    return _client(tracking_uri)
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
     """Beside the sqlite file for a local store (never the current directory), else the server's."""
     if tracking_uri.startswith("sqlite:///"):
@@ -401,7 +412,7 @@ def promote(
     from mlflow.exceptions import MlflowException
 
     name = mtl_model_name(prefix) if task == "mtl" else task_model_name(task, prefix)
-    client = _client(tracking_uri)
+    client = _reading_client(tracking_uri)
     uri = _tracking_uri(tracking_uri)
     version = str(version)
     try:
@@ -456,7 +467,7 @@ def promotion_history(
 ) -> list[dict]:
     """Every recorded promotion of `<prefix>-<task>`, oldest first (from the promotion runs)."""
     name = mtl_model_name(prefix) if task == "mtl" else task_model_name(task, prefix)
-    client = _client(tracking_uri)
+    client = _reading_client(tracking_uri)
     exp = client.get_experiment_by_name(f"{prefix}-promotions")
     if exp is None:
         return []
@@ -507,7 +518,7 @@ def _versions(client, name: str) -> list[str]:
 
 def list_models(prefix: str = DEFAULT_PREFIX, tracking_uri: str | None = None) -> list[dict]:
     """Registered adrel models under `prefix`: name, kind, task, versions with aliases/tags."""
-    client = _client(tracking_uri)
+    client = _reading_client(tracking_uri)
     out = []
     for rm in client.search_registered_models(f"name LIKE '{check_prefix(prefix)}-%'"):
         versions = client.search_model_versions(f"name = '{rm.name}'")

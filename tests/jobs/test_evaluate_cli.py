@@ -108,7 +108,23 @@ def test_bad_input_exits_2_with_a_message(models, tmp_path, capsys):
     assert "task(s) ['missing'] not found" in capsys.readouterr().err
     assert main([*base, "--threshold", "exact", "--no-mlflow"]) == 2
     assert "not TASK=NUMBER" in capsys.readouterr().err
-    assert not (tmp_path / "o" / "report.html").exists()
+    assert main([*base, "--threshold", "nosuch=0.5", "--no-mlflow", "--quiet"]) == 2
+    assert "threshold(s) given for task(s) ['nosuch'], which are not evaluated" in (
+        capsys.readouterr().err
+    )
+    assert main([*base, "--seed", "-1", "--no-mlflow"]) == 2
+    assert "seed must be an integer >= 0, got -1" in capsys.readouterr().err
+    for device, text in [
+        ("bogus", "use auto, cpu, cuda or cuda:N"),
+        ("cuda:64", "this machine has"),
+    ]:
+        assert main([*base, "--device", device, "--no-mlflow"]) == 2
+        assert f"--device '{device}': {text}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # no run above left even an empty output folder
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main([*base[:-1], str(afile), "--no-mlflow"]) == 2
+    assert f"output {afile} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_help_documents_the_exit_codes(capsys):

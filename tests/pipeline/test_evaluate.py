@@ -422,3 +422,12 @@ def test_errors_name_the_problem(setup, tmp_path):
         evaluate(setup["a"], setup["data"], tmp_path / "o", **FAST, slice_column="nope")
     with pytest.raises(TypeError, match="unknown option"):
         evaluate(setup["a"], setup["data"], tmp_path / "o", bogus=1)
+    # Files without a label column: every row is quarantined, so nothing can be evaluated.
+    nolabel = tmp_path / "nolabel" / "task=exact"
+    nolabel.mkdir(parents=True)
+    pd.DataFrame({"query": ["q"], "ad_title": ["t"]}).to_parquet(nolabel / "p.parquet")
+    with pytest.raises(
+        EvaluationError, match=r"none of the 1 rows .* \{'missing_label_column': 1\}"
+    ):
+        evaluate(setup["a"], nolabel.parent, tmp_path / "o", **FAST)
+    assert not (tmp_path / "o").exists()

@@ -325,3 +325,23 @@ def test_model_uri_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_reading_a_store_that_is_not_there_creates_nothing(tmp_path, capsys):
+    from jobs.cli import main
+
+    db = tmp_path / "typo" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    with pytest.raises(RegistryError, match="no MLflow store at .*typo/mlflow.db"):
+        list_models("adrel", uri)
+    with pytest.raises(RegistryError, match="does not exist"):
+        promote("shop", 1, tracking_uri=uri)
+    with pytest.raises(mu.ModelURIError, match="no MLflow store"):
+        mu.resolve_model("models:/adrel-shop@champion", tracking_uri=uri)
+    assert not db.parent.exists()  # no empty store made at a mistyped path
+    assert main(["models", "--tracking-uri", uri]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    # A URI MLflow cannot use at all: its own message, exit 2, no traceback.
+    assert main(["models", "--tracking-uri", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adrel models: error: MLflow:") and "unsupported URI 'bogus://x'" in err
