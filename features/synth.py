@@ -34,8 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.schema import TASK_DIR_PREFIX
+from features.split import staged_output
 
 SYNTH_TASKS = ("exact_match", "broad_match", "shopping", "brand_protect")
+# The pool of pairs lives in memory (about 0.5 KB per pair, rows / overlap pairs) and is built
+# at about 20k pairs a second: a million rows per task takes about a minute and 1 GB.
+MAX_ROWS_PER_TASK = 1_000_000
 
 # ---------------------------------------------------------------------------------------------
 # The catalog (invented brands)
@@ -458,22 +462,28 @@ def generate(
     with_weight: bool = False,
     overlap: float = 0.67,
     row_group_size: int = 1000,
+    overwrite: bool = False,
 ) -> dict:
     """Write OUT/task=<name>/part-<k>.parquet for each task and return a summary.
 
     Columns: query_id, query, ad_id, ad_title, ad_description (nullable), then grade (float32,
     0-3) and label (int8) unless `with_labels` is False (a scoring inventory), and weight
     (float32, head queries 2.0, others 1.0) with `with_weight`. Each task draws
-    `rows_per_task` rows from a shared pool of about rows_per_task / overlap pairs, so two
-    tasks share about `overlap` of their pairs. `noise` is the per-task label flip rate.
+    `rows_per_task` rows (at most MAX_ROWS_PER_TASK) from a shared pool of about
+    rows_per_task / overlap pairs, so two tasks share about `overlap` of their pairs. `noise`
+    is the per-task label flip rate. An OUT that is not empty is refused unless `overwrite`
+    (then the old data set is replaced whole); OUT is written in one piece or not at all
+    (features.split.staged_output).
     """
     tasks = tuple(tasks) if tasks else SYNTH_TASKS
     unknown = [t for t in tasks if t not in SYNTH_TASKS]
     errors = [f"unknown synthetic task(s) {unknown}; known: {list(SYNTH_TASKS)}"] if unknown else []
     if len(set(tasks)) != len(tasks):
         errors.append(f"duplicate tasks in {list(tasks)}")
-    if not isinstance(rows_per_task, int) or rows_per_task < 1:
-        errors.append(f"rows_per_task must be an integer >= 1, got {rows_per_task!r}")
+    if not isinstance(rows_per_task, int) or not 1 <= rows_per_task <= MAX_ROWS_PER_TASK:
+        errors.append(
+            f"rows_per_task must be an integer in [1, {MAX_ROWS_PER_TASK}], got {rows_per_task!r}"
+        )
     if not 0.0 <= noise < 0.5:
         errors.append(f"noise must be in [0, 0.5), got {noise!r}")
     if not 0.0 < overlap <= 1.0:
@@ -483,27 +493,35 @@ def generate(
     if errors:
         raise ValueError("; ".join(errors))
 
-    gen = _Generator(seed)
-    pool = _pool(gen, max(rows_per_task, int(round(rows_per_task / overlap))))
-    rule = {t: np.array([rule_label(t, p.intent, p.product) for p in pool], np.int8) for t in tasks}
     out = Path(out_dir)
-    summary: dict = {"out_dir": str(out), "seed": seed, "pool_pairs": len(pool), "tasks": {}}
-    for task in tasks:
-        idx = np.sort(gen.rng.choice(len(pool), size=rows_per_task, replace=False))
-        labels = rule[task][idx].copy()
-        flip = gen.rng.random(rows_per_task) < noise
-        labels[flip] = 1 - labels[flip]
-        table = _task_table([pool[i] for i in idx], labels, flip, with_labels, with_weight)
-        files = _write_task(out / f"{TASK_DIR_PREFIX}{task}", table, files_per_task, row_group_size)
-        summary["tasks"][task] = {
-            "rows": rows_per_task,
-            "positive_rate": float(labels.mean()),
-            "flipped": int(flip.sum()),
-            "files": [str(f) for f in files],
+    with staged_output(out.resolve(), overwrite, _is_task_dir, "a synthetic data set") as staging:
+        gen = _Generator(seed)
+        pool = _pool(gen, max(rows_per_task, int(round(rows_per_task / overlap))))
+        rule = {
+            t: np.array([rule_label(t, p.intent, p.product) for p in pool], np.int8) for t in tasks
         }
+        summary: dict = {"out_dir": str(out), "seed": seed, "pool_pairs": len(pool), "tasks": {}}
+        for task in tasks:
+            idx = np.sort(gen.rng.choice(len(pool), size=rows_per_task, replace=False))
+            labels = rule[task][idx].copy()
+            flip = gen.rng.random(rows_per_task) < noise
+            labels[flip] = 1 - labels[flip]
+            table = _task_table([pool[i] for i in idx], labels, flip, with_labels, with_weight)
+            task_dir = f"{TASK_DIR_PREFIX}{task}"
+            files = _write_task(staging / task_dir, table, files_per_task, row_group_size)
+            summary["tasks"][task] = {
+                "rows": rows_per_task,
+                "positive_rate": float(labels.mean()),
+                "flipped": int(flip.sum()),
+                "files": [str(out / task_dir / f.name) for f in files],
+            }
     if len(tasks) > 1:
         summary.update(agreement_stats(rule))
     return summary
+
+
+def _is_task_dir(name: str) -> bool:
+    return name.startswith(TASK_DIR_PREFIX)
 
 
 def _task_table(

@@ -1,14 +1,19 @@
 """`adrel data`: validate a contract directory, generate synthetic data, split by query.
 
 adrel data validate --input DIR --out DIR [--max-bad-fraction F] [--max-text-chars N]
-adrel data synth --out DIR --rows-per-task N --seed S [--tasks ...] [--no-label]
-adrel data split --input DIR --out DIR [--fractions TRAIN DEV TEST]
+adrel data synth --out DIR --rows-per-task N --seed S [--tasks ...] [--no-label] [--overwrite]
+adrel data split --input DIR --out DIR [--fractions TRAIN DEV TEST] [--overwrite]
+
+synth and split refuse an --out that is not empty unless --overwrite, which replaces the old
+result whole; they write next to --out and rename into place at the end, so a failed run
+leaves --out as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from jobs.cli import UserError
 
@@ -44,7 +49,9 @@ def register(subparsers) -> None:
 
     s = sub.add_parser("synth", help="write a realistic synthetic multi-task ads data set")
     s.add_argument("--out", required=True)
-    s.add_argument("--rows-per-task", type=int, required=True)
+    s.add_argument(
+        "--rows-per-task", type=int, required=True, help="at most 1000000 (about a minute)"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tasks", nargs="+", default=None, help="subset of the synthetic tasks")
     s.add_argument(
@@ -53,6 +60,7 @@ def register(subparsers) -> None:
     s.add_argument("--files-per-task", type=int, default=2)
     s.add_argument("--noise", type=float, default=0.02, help="label flip rate per task")
     s.add_argument("--with-weight", action="store_true", help="add a weight column")
+    s.add_argument("--overwrite", action="store_true", help="replace the data set in OUT")
     s.set_defaults(func=run_synth)
 
     sp = sub.add_parser("split", help="deterministic train/dev/test split by hash of the query")
@@ -65,10 +73,12 @@ def register(subparsers) -> None:
         default=(0.8, 0.1, 0.1),
         metavar=("TRAIN", "DEV", "TEST"),
     )
+    sp.add_argument("--overwrite", action="store_true", help="replace the split in OUT")
     sp.set_defaults(func=run_split)
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from features.split import check_out_path
     from features.validate import ValidationConfig, validate_dir
 
     cfg = ValidationConfig(
@@ -77,6 +87,7 @@ def run_validate(args: argparse.Namespace) -> int:
         known_tasks=args.tasks,
         max_bad_fraction=args.max_bad_fraction,
     )
+    check_out_path(Path(args.out).resolve())  # validate_dir fails on a file with a traceback
     report = validate_dir(args.input, args.out, cfg, overwrite=args.overwrite)
     print(report.table())
     if report.over_threshold:
@@ -96,6 +107,7 @@ def run_synth(args: argparse.Namespace) -> int:
         files_per_task=args.files_per_task,
         noise=args.noise,
         with_weight=args.with_weight,
+        overwrite=args.overwrite,
     )
     for task, info in summary["tasks"].items():
         rate = "" if args.no_label else f"  positives {info['positive_rate']:.1%}"
@@ -112,6 +124,6 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     from features.split import split_dir
 
-    counts = split_dir(args.input, args.out, args.fractions)
+    counts = split_dir(args.input, args.out, args.fractions, overwrite=args.overwrite)
     print(json.dumps(counts, indent=2))
     return 0

@@ -48,13 +48,15 @@ def make_data(workdir: Path, rows_per_task: int, inventory_rows: int) -> dict[st
     roots["inventory"] = data / "inventory"
     if all(p.is_dir() for p in roots.values()):
         return roots  # the same seed gives the same bytes: reuse what the first run made
-    summary = generate(data / "raw", rows_per_task, seed=0)
-    counts = split_dir(data / "raw", data / "split", fractions=(0.6, 0.15, 0.25))
+    # Otherwise (a first run, or one stopped part-way) make it all again: these folders are
+    # the demo's own.
+    summary = generate(data / "raw", rows_per_task, seed=0, overwrite=True)
+    counts = split_dir(data / "raw", data / "split", fractions=(0.6, 0.15, 0.25), overwrite=True)
     for split, name in (("train", "train"), ("dev", "dev"), ("test", "holdout")):
         if not roots[name].exists():
             roots[name].parent.mkdir(parents=True, exist_ok=True)
             (data / "split" / split).rename(roots[name])
-    generate(roots["inventory"], inventory_rows, seed=1, with_labels=False)
+    generate(roots["inventory"], inventory_rows, seed=1, with_labels=False, overwrite=True)
     agree = {k: v for k, v in summary.items() if "agree" in k or "disagree" in k}
     print(f"synthetic data: {json.dumps(counts)}; task agreement: {json.dumps(agree, default=str)}")
     return roots

@@ -20,6 +20,7 @@ from pipeline.config_errors import format_validation_error
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ALL_TASKS = "all"
+SYNTH_MAX_ROWS_PER_TASK = 1_000_000  # features.synth.MAX_ROWS_PER_TASK (a test keeps them equal)
 
 
 def check_run_name(v: Any) -> str | None:
@@ -43,8 +44,8 @@ class SyntheticSection(_Section):
     """Generate synthetic train/dev data (features.synth) into the data roots when they hold
     no task partitions yet: demos and CI need no data of their own."""
 
-    rows_per_task: int = Field(400, ge=4)
-    dev_rows_per_task: int = Field(100, ge=4)
+    rows_per_task: int = Field(400, ge=4, le=SYNTH_MAX_ROWS_PER_TASK)
+    dev_rows_per_task: int = Field(100, ge=4, le=SYNTH_MAX_ROWS_PER_TASK)
     seed: int = Field(0, ge=0)
 
 

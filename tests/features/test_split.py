@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -54,3 +56,72 @@ def test_split_dir_refuses_invalid_task_dirs(tmp_path):
     write(tmp_path / "in/task=../x/p.parquet", good_rows(2))
     with pytest.raises(ValueError, match="task"):
         split_dir(tmp_path / "in", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [((float("nan"), 0.5, 0.5), "train=nan"), ((0.5, 0.5, float("inf")), "test=inf")],
+)
+def test_non_finite_fractions_are_refused(bad, named):
+    with pytest.raises(ValueError, match=f"finite.*{named}"):
+        check_fractions(bad)
+
+
+def _split_rows(root) -> dict[str, int]:
+    return {
+        split: sum(pq.read_metadata(f).num_rows for f in (root / split).rglob("*.parquet"))
+        for split in ("train", "dev", "test")
+    }
+
+
+def test_split_dir_refuses_a_non_empty_out_and_overwrite_replaces_it_whole(tmp_path):
+    write(tmp_path / "in/task=a/p0.parquet", good_rows(200))
+    out = tmp_path / "out"
+    split_dir(tmp_path / "in", out, (0.5, 0.0, 0.5))
+    before = _split_rows(out)
+    assert before["train"] and before["test"]
+    with pytest.raises(ValueError, match=re.escape(f"--out {out} is not empty") + ".*--overwrite"):
+        split_dir(tmp_path / "in", out, (1.0, 0.0, 0.0))
+    assert _split_rows(out) == before  # refused: nothing touched
+    split_dir(tmp_path / "in", out, (1.0, 0.0, 0.0), overwrite=True)
+    assert _split_rows(out) == {"train": 200, "dev": 0, "test": 0}  # no old test rows left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no staging left
+
+
+def test_split_dir_failing_part_way_leaves_out_as_it_was(tmp_path):
+    write(tmp_path / "in/task=a/p0.parquet", good_rows(50))
+    (tmp_path / "in/task=a/p1.parquet").write_bytes(b"not parquet")  # read after p0 is split
+    with pytest.raises(ValueError, match=r"p1\.parquet"):
+        split_dir(tmp_path / "in", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    write(tmp_path / "ok/task=a/p0.parquet", good_rows(30, "z"))
+    split_dir(tmp_path / "ok", tmp_path / "old")
+    before = _split_rows(tmp_path / "old")
+    with pytest.raises(ValueError, match=r"p1\.parquet"):
+        split_dir(tmp_path / "in", tmp_path / "old", overwrite=True)
+    assert _split_rows(tmp_path / "old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "ok", "old"]  # no staging left
+
+
+def test_split_dir_overwrite_replaces_only_a_split(tmp_path):
+    write(tmp_path / "in/task=a/p0.parquet", good_rows(10))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt.*not part of a split"):
+        split_dir(tmp_path / "in", tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
+    # The input inside the output would be replaced with it.
+    with pytest.raises(ValueError, match="--input .* is inside --out"):
+        split_dir(tmp_path / "in", tmp_path, overwrite=True)
+    assert (tmp_path / "in/task=a/p0.parquet").is_file()
+
+
+def test_split_dir_refuses_an_out_that_is_a_file(tmp_path):
+    write(tmp_path / "in/task=a/p0.parquet", good_rows(10))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(
+        ValueError, match=re.escape(f"--out {tmp_path / 'f'} exists and is not a directory")
+    ):
+        split_dir(tmp_path / "in", tmp_path / "f")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'f'} is not a directory")):
+        split_dir(tmp_path / "in", tmp_path / "f/sub")

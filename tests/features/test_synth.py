@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -118,3 +119,69 @@ def test_scoring_inventory_and_options(tmp_path):
     assert len(summary["tasks"]["shopping"]["files"]) == 3 and "disagreement" not in summary
     with pytest.raises(ValueError, match="unknown synthetic task"):
         generate(tmp_path / "x", 10, seed=1, tasks=["nope"])
+
+
+def test_generate_refuses_a_non_empty_out_and_overwrite_replaces_it_whole(tmp_path):
+    out = tmp_path / "s9"
+    generate(out, 30, seed=1, tasks=["shopping"], files_per_task=3)
+    with pytest.raises(ValueError, match=re.escape(f"--out {out} is not empty") + ".*--overwrite"):
+        generate(out, 10, seed=1, tasks=["shopping"])
+    assert pq.read_table(out / "task=shopping", partitioning=None).num_rows == 30  # untouched
+    summary = generate(out, 10, seed=1, tasks=["shopping"], overwrite=True)
+    assert sorted(p.name for p in (out / "task=shopping").iterdir()) == [
+        "part-0.parquet",
+        "part-1.parquet",
+    ]  # the first run's part-2 is gone
+    assert pq.read_table(out / "task=shopping", partitioning=None).num_rows == 10
+    assert summary["tasks"]["shopping"]["files"] == [
+        str(out / "task=shopping" / f"part-{k}.parquet") for k in range(2)
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s9"]  # no staging left
+    (out / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=r"notes\.txt.*not part of a synthetic data set"):
+        generate(out, 10, seed=1, tasks=["shopping"], overwrite=True)
+
+
+def test_generate_failing_part_way_leaves_out_as_it_was(tmp_path, monkeypatch):
+    import features.synth as synth
+
+    out = tmp_path / "inv"
+    generate(out, 20, seed=1, tasks=["shopping"])
+    before = digest(out)
+
+    real, calls = synth._task_table, []
+
+    def fail_second(*args, **kwargs):  # the first task is written, the second fails
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "_task_table", fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        generate(out, 10, seed=2, tasks=["shopping", "exact_match"], overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path / "new", 10, seed=2)
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inv"]
+
+
+def test_generate_refuses_an_out_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(
+        ValueError, match=re.escape(f"--out {tmp_path / 'f'} exists and is not a directory")
+    ):
+        generate(tmp_path / "f", 3, seed=1, tasks=["shopping"])
+
+
+def test_rows_per_task_has_a_maximum(tmp_path, monkeypatch):
+    import features.synth as synth
+
+    def build(*args, **kwargs):
+        raise AssertionError("generated instead of refusing the row count")
+
+    monkeypatch.setattr(synth, "_Generator", build)
+    too_many = getattr(synth, "MAX_ROWS_PER_TASK", 10_000_000) + 1
+    with pytest.raises(ValueError, match=f"rows_per_task must be an integer in .*{too_many}"):
+        generate(tmp_path / "big", too_many, seed=0)
+    assert not (tmp_path / "big").exists()

@@ -53,10 +53,7 @@ def test_cli_scores_refuses_a_rerun_and_overwrites(export_dir, tmp_path, ray_loc
 
 
 def test_cli_task_without_model_is_a_user_error(export_dir, tmp_path, ray_local, capsys):
-    from features.synth import generate
-
-    inv = synth_inventory(tmp_path / "inv", 10, tasks=("exact_match",))
-    generate(inv, 10, 2, tasks=["brand_protect"], with_labels=False)
+    inv = synth_inventory(tmp_path / "inv", 10, tasks=("exact_match", "brand_protect"))
     out = tmp_path / "scores"
     assert score("--model", export_dir, "--input", inv, "--output", out) == 2
     err = capsys.readouterr().err

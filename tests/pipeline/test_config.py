@@ -198,3 +198,15 @@ def test_nan_and_inf_are_refused_where_a_number_is_asked():
         assert f"{field}: Input should be a finite number" in msg, msg
     with pytest.raises(ConfigError, match="lock.stale_after_s: Input should be a finite number"):
         load_retrain_config(preset_dir() / "retrain-demo.yaml", ["lock.stale_after_s=.inf"])
+
+
+def test_the_synthetic_row_limit_is_the_generators():
+    from features.synth import MAX_ROWS_PER_TASK
+    from pipeline.config import SYNTH_MAX_ROWS_PER_TASK
+
+    assert SYNTH_MAX_ROWS_PER_TASK == MAX_ROWS_PER_TASK
+    with pytest.raises(
+        ConfigError,
+        match="data.synthetic.rows_per_task: Input should be less than or equal to 1000000",
+    ):
+        build_config(MINIMAL, [f"data.synthetic.rows_per_task={MAX_ROWS_PER_TASK + 1}"])
