@@ -64,7 +64,14 @@ def _tasks(value: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from jobs.runtime import tracking_uri
     from models.config import ConfigError
-    from pipeline.export import DEFAULT_INT8_RECIPE, ExportConfig, ExportError, export_checkpoint
+    from pipeline.export import (
+        DEFAULT_INT8_RECIPE,
+        ExportConfig,
+        ExportError,
+        OutputError,
+        check_out,
+        export_checkpoint,
+    )
     from pipeline.model_uri import ModelURIError, find_payload, resolve_model
 
     turi = tracking_uri(args.workdir, args.tracking_uri)
@@ -79,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
         )
         resolved = resolve_model(args.model, tracking_uri=turi)
         ckpt = find_payload(resolved.path, "adapter.safetensors")
-    except (ConfigError, ModelURIError) as e:
+        check_out(args.out, ckpt)
+        if args.register:  # before the export, not after it
+            _check_registry(args.prefix, turi)
+    except (ConfigError, ModelURIError, OutputError) as e:
         raise UserError(str(e)) from None
     cfg.source_info = {
         "name": resolved.name,
@@ -88,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         result = export_checkpoint(ckpt, args.out, cfg)
-    except ConfigError as e:
+    except (ConfigError, OutputError) as e:
         raise UserError(str(e)) from None
     except ExportError as e:
         raise UserError(f"{e}\nnothing was published to {args.out}", GATE_EXIT) from None
@@ -96,6 +106,21 @@ def run(args: argparse.Namespace) -> int:
     if args.register:
         _register(args, result.out_dir, ckpt, resolved, turi)
     return 0
+
+
+def _check_registry(prefix: str, turi: str) -> None:
+    """The prefix is valid and the tracking store answers (a sqlite store is made if new)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import RegistryError, check_prefix
+
+    try:
+        check_prefix(prefix)
+        MlflowClient(tracking_uri=turi, registry_uri=turi).search_registered_models(max_results=1)
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:
+        raise UserError(f"--register: the MLflow store at {turi} cannot be used: {e}") from None
 
 
 def _register(args, out_dir, ckpt, resolved, turi: str) -> None:

@@ -105,6 +105,10 @@ class ExportError(RuntimeError):
     """The export cannot be published (nothing was written to the output directory)."""
 
 
+class OutputError(ValueError):
+    """The output directory cannot take an export (checked before any work is done)."""
+
+
 class ParityError(ExportError):
     """ORT and the unmerged PyTorch model disagree beyond the bound; names task, variant, shapes."""
 
@@ -736,7 +740,7 @@ def export_checkpoint(
     if unknown:
         raise ConfigError([f"unknown task(s) {unknown}; the checkpoint has {model.tasks.names}"])
     out = Path(out_dir)
-    _check_out(out)
+    check_out(out, ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
     try:
@@ -759,15 +763,22 @@ def export_checkpoint(
     return ExportResult(out, published, time.perf_counter() - t0)
 
 
-def _check_out(out: Path) -> None:
-    """Only an empty folder or a previous export may be replaced."""
+def check_out(out: str | os.PathLike, ckpt: str | os.PathLike | None = None) -> None:
+    """Only an empty folder or a previous export may be replaced, never the checkpoint's own."""
+    out = Path(out)
     if out.exists() and (
         not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_FILE).is_file())
     ):
-        raise ExportError(
+        raise OutputError(
             f"--out {out} exists and is not an adrel export (no {INDEX_FILE}); refusing to "
             "overwrite it: choose another directory"
         )
+    if ckpt is not None:
+        src, dst = Path(ckpt).resolve(), out.resolve()
+        if dst == src or src in dst.parents:
+            raise OutputError(
+                f"--out {out} is inside the checkpoint {ckpt}: choose another directory"
+            )
 
 
 def _publish(tmp: Path, out: Path) -> None:

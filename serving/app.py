@@ -198,8 +198,13 @@ def _source_versions(cfg: ServeConfig) -> tuple[dict[str, str] | None, bool]:
             dirs = {t: root / t for t in json.loads((root / "index.json").read_text())["tasks"]}
         elif (root / "meta.json").is_file():
             dirs = {json.loads((root / "meta.json").read_text())["task"]: root}
-        else:
+        elif any(root.rglob("meta.json")):
             return None, False  # e.g. a downloaded MLflow model folder: the Scorer finds it
+        else:
+            raise ValueError(
+                f"model {cfg.model!r} holds no exported model (index.json or meta.json): "
+                "give an `adrel export` directory or a models:/ URI"
+            )
         return {
             t: str(json.loads((d / "meta.json").read_text())["model_version"])
             for t, d in dirs.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,21 @@ def test_user_errors(ckpt, tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert main(["export", "--model", "models:/x/abc", "--out", out]) == 2
     assert "not a number" in capsys.readouterr().err
+    # Output problems are bad usage (2), not a refused gate (3), and are found before any work.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["export", "--model", str(ckpt), "--out", str(afile)]) == 2
+    assert "exists and is not an adrel export" in capsys.readouterr().err
+    inside = ckpt / "sub"
+    assert main(["export", "--model", str(ckpt), "--out", str(inside)]) == 2
+    assert "is inside the checkpoint" in capsys.readouterr().err
+    assert not inside.exists()
+    reg = ["export", "--model", str(ckpt), "--out", out, "--register"]
+    assert main([*reg, "--prefix", "a/b", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    assert "invalid registered-model prefix 'a/b'" in capsys.readouterr().err
+    assert main([*reg, "--tracking-uri", "bogus://x"]) == 2
+    assert "the MLflow store at bogus://x cannot be used" in capsys.readouterr().err
+    assert not Path(out).exists()  # refused before the export
 
 
 def test_register_promote_and_list(ckpt, tmp_path, capsys, mlflow_uri, monkeypatch):

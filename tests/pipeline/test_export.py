@@ -215,12 +215,12 @@ def test_failed_reexport_keeps_the_previous_export(exported, tmp_path):
 
 
 def test_refuses_to_overwrite_a_foreign_directory(exported, tmp_path):
-    from pipeline.export import ExportError
+    from pipeline.export import OutputError
 
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not an adrel export"):
+    with pytest.raises(OutputError, match="not an adrel export"):
         export_checkpoint(exported[0], out, ExportConfig(tasks=["a"]))
     assert (out / "notes.txt").read_text() == "keep me"
 

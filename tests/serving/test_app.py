@@ -225,6 +225,10 @@ def test_directory_source_and_a_runtime_without_torch(export_v1):
         check_source(ServeConfig.build(model=str(export_v1), tasks=["search", "nope"]))
     with pytest.raises(ValueError, match="no such directory"):
         check_source(ServeConfig.build(model=str(export_v1 / "missing")))
+    empty = export_v1.parent / "empty-source"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match=r"holds no exported model \(index.json or meta.json\)"):
+        check_source(ServeConfig.build(model=str(empty)))
     code = f"""
 import sys
 from serving.app import ScoringService, build_api, load_models
