@@ -45,11 +45,13 @@ def retrain(config, overrides=(), run_name=None, address=None, num_cpus=None, lo
 
     try:
         cfg = load_retrain_config(config, list(overrides), {"run_name": run_name})
+        job = Retrain(cfg, log=log)
+        job.preflight()  # before Ray starts: missing inputs are a bad config, not a failed stage
     except ConfigError as e:
         raise UserError(str(e)) from None
     started = ensure_ray(address, num_cpus=num_cpus, state_api=True)
     try:
-        return Retrain(cfg, log=log).run()
+        return job.run()
     except LockBusy as e:
         raise UserError(str(e), exit_code=EXIT_LOCKED) from None
     except StageFailed as e:

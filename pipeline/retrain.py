@@ -67,6 +67,22 @@ class Retrain:
         self.tracking_uri = tracking_uri(self.workdir, cfg.registry.tracking_uri)
         self.prefix = cfg.registry.prefix
 
+    def preflight(self) -> None:
+        """ConfigError listing every input folder the stages still to run need and lack."""
+        from models.config import ConfigError
+
+        errors = []
+        if not self.state.done("ingest"):
+            for split in SPLITS:
+                root = getattr(self.cfg.data, f"{split}_root")
+                if not Path(root).is_dir():
+                    errors.append(f"data.{split}_root: no data directory at {root}")
+        inv = self.cfg.inventory.input
+        if inv is not None and not self.state.done("score") and not Path(inv).is_dir():
+            errors.append(f"inventory.input: no inventory directory at {inv}")
+        if errors:
+            raise ConfigError(errors)
+
     # ------------------------------------------------------------------ orchestration
 
     def run(self) -> RetrainResult:

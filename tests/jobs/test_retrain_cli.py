@@ -140,6 +140,19 @@ def test_bad_retrain_config_lists_every_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_missing_input_folders_are_a_config_error_before_anything_runs(tmp_path):
+    work = tmp_path / "w"
+    res = adrel(["retrain", "--config", TINY, "--run-name", "r1",
+                 "--set", f"workdir={work}", "--set", f"data.dev_root={tmp_path / 'nodev'}",
+                 "--set", f"inventory.input={tmp_path / 'noinv'}"],
+                _env(tmp_path), tmp_path, timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"data.dev_root: no data directory at {tmp_path / 'nodev'}" in res.stderr
+    assert f"inventory.input: no inventory directory at {tmp_path / 'noinv'}" in res.stderr
+    assert "resume" not in res.stderr and "Traceback" not in res.stderr
+    assert not (work / "retrain" / "r1").exists()  # no run was started
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
