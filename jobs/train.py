@@ -120,7 +120,7 @@ def train(
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.add_task:
+    if args.add_task is not None:  # an empty name is refused by name, below
         if args.config or args.overrides:
             raise UserError("--add-task takes --from/--data/--onboard-set, not --config/--set")
         return onboard(args)

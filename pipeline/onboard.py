@@ -242,6 +242,12 @@ def add_task(
     ckpt_dir, data_dir, out_dir = Path(ckpt_dir), Path(data_dir), Path(out_dir)
     if out_dir.resolve() == ckpt_dir.resolve():
         raise OnboardError(f"out_dir {out_dir} must differ from the source checkpoint")
+    if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+        raise OnboardError(
+            f"max_rows (--onboard-max-rows) must be an integer >= 1, got {max_rows!r}"
+        )
+    # The training config first: a bad override fails before anything is read or written.
+    cfg = onboard_config(data_dir, overrides, seed)
     roots = {"train": data_dir / "train", "dev": data_dir / "dev"}
     if not roots["train"].is_dir():
         roots = {"train": data_dir}
@@ -274,7 +280,6 @@ def add_task(
         if len(good) == 0:
             raise OnboardError(f"no usable {split} rows for task {name!r} under {root}")
         arrays[split] = to_arrays(good, tok, tasks)
-    cfg = onboard_config(data_dir, overrides, seed)
     new, report = onboard(model, name, arrays["train"], arrays["dev"], cfg, train_shared, log)
     report.quarantined = quarantined
     extra = dict(ckpt_cfg.get("extra") or {})
@@ -291,6 +296,8 @@ def resolve_checkpoint(uri: str | Path, tmp: Path) -> Path:
     from pipeline.model_uri import resolve_model_dir
     from pipeline.predict import find_checkpoint
 
+    if not str(uri).startswith(("models:/", "runs:/")) and not Path(str(uri)).is_dir():
+        raise OnboardError(f"--from {str(uri)!r}: no such directory")
     local = resolve_model_dir(uri, dst=None if Path(str(uri)).exists() else tmp)
     found = find_checkpoint(local)
     if found is None:

@@ -228,3 +228,24 @@ def test_cli_errors_name_what_is_wrong(trained, tmp_path, capsys):
     assert "task 'exact' already exists" in capsys.readouterr().err
     assert cli_main(["train"]) == 2
     assert "needs --config" in capsys.readouterr().err
+    assert cli_main(_onboard_argv(str(tmp_path / "nowhere"), data, tmp_path / "o")) == 2
+    assert f"--from '{tmp_path / 'nowhere'}': no such directory" in capsys.readouterr().err
+    argv = _onboard_argv(str(ckpt), data, tmp_path / "o3")
+    argv[argv.index("fresh")] = ""
+    assert cli_main(argv) == 2
+    assert "task name" in capsys.readouterr().err.lower()
+    argv = _onboard_argv(str(ckpt), data, tmp_path / "o4")
+    assert cli_main([*argv, "--onboard-max-rows", "-5"]) == 2
+    assert "max_rows (--onboard-max-rows) must be an integer >= 1, got -5" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_bad_override_fails_before_anything_is_written(trained, tmp_path):
+    ckpt, data = trained
+    bad = _rows(6, 3)
+    bad.loc[1, "query"] = " "  # a row that would be quarantined
+    bad.to_parquet(data / "train" / "task=fresh" / "part-1.parquet", index=False)
+    with pytest.raises(ValueError, match="optim.lr"):
+        add_task(ckpt, "fresh", data, tmp_path / "out", overrides=["optim.lr=-1"], log=None)
+    assert not (tmp_path / "out.quarantine").exists() and not (tmp_path / "out").exists()
