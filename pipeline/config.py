@@ -341,9 +341,11 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError([f"config file {str(p)!r} does not exist"])
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
+    if d is None:  # an empty file
+        return {}
     if not isinstance(d, dict):
         raise ConfigError([f"config file {str(p)!r} must hold a mapping, got {type(d).__name__}"])
     return d

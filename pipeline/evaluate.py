@@ -265,6 +265,7 @@ def load_eval_data(data_dir: str | os.PathLike, tasks: list[str] | None = None) 
         )
     wanted = set(tasks) if tasks else None
     frames, next_id, found = [], 0, []
+    available = [part.name[len("task=") :] for part in parts]
     for part in parts:
         name = part.name[len("task=") :]
         if wanted is not None and name not in wanted:
@@ -288,7 +289,7 @@ def load_eval_data(data_dir: str | os.PathLike, tasks: list[str] | None = None) 
     if wanted:
         missing = sorted(wanted - set(found))
         if missing:
-            raise EvaluationError(f"task(s) {missing} not found under {root}; found {found}")
+            raise EvaluationError(f"task(s) {missing} not found under {root}; it has {available}")
     if not frames:
         raise EvaluationError(f"no parquet files under {root}")
     all_rows = pd.concat(frames, ignore_index=True)

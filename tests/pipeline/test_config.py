@@ -148,6 +148,9 @@ def test_bad_files_and_override_shapes(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+    p.write_text("[]\n")  # an empty list is not an empty file
+    with pytest.raises(ConfigError, match="must hold a mapping, got list"):
+        load_config(p)
     with pytest.raises(ConfigError, match="not a section"):
         build_config({**MINIMAL, "seed": 3}, ["seed.x=1"])
     with pytest.raises(ConfigError, match="unknown adapter|variant must be one of"):

@@ -414,7 +414,7 @@ def test_export_champion_with_fewer_tasks(setup, tiny_encoder_dir, tmp_path):
 def test_errors_name_the_problem(setup, tmp_path):
     with pytest.raises(EvaluationError, match="does not exist"):
         evaluate(setup["a"], tmp_path / "missing", tmp_path / "o", **FAST)
-    with pytest.raises(EvaluationError, match=r"task\(s\) \['nope'\] not found"):
+    with pytest.raises(EvaluationError, match=r"task\(s\) \['nope'\] not found .*; it has \['"):
         evaluate(setup["a"], setup["data"], tmp_path / "o", **FAST, tasks=["nope"])
     with pytest.raises(ValueError, match="neither an existing directory nor an MLflow URI"):
         evaluate(tmp_path / "nowhere", setup["data"], tmp_path / "o", **FAST)
