@@ -127,8 +127,40 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# ServeConfig's fields as this command's options, for error messages.
+FLAGS = {
+    "drain_s": "--drain-seconds",
+    "reload_interval_s": "--reload-interval",
+    "batching.max_batch_size": "--max-batch-size",
+    "batching.batch_wait_ms": "--batch-wait-ms",
+    "batching.max_concurrent_batches": "--max-concurrent-batches",
+    "limits.max_items": "--max-items",
+    "limits.max_text_chars": "--max-text-chars",
+    **{f: "--" + f.replace("_", "-") for f in (
+        "model", "tasks", "host", "port", "ingress", "proxy_port", "replicas",
+        "num_cpus_per_replica", "intra_op_threads", "max_ongoing_requests",
+    )},
+}  # fmt: skip
+
+
 def build_config(args: argparse.Namespace):
-    """The validated ServeConfig for the parsed arguments (every bad value reported at once)."""
+    """The validated ServeConfig for the parsed arguments (every bad value reported at once,
+    each by its option: `--drain-seconds (drain_s): ...`)."""
+    from serving.config import ServeConfigError
+
+    try:
+        return _build_config(args)
+    except ServeConfigError as e:
+        raise ServeConfigError([_name_flag(line) for line in e.errors]) from None
+
+
+def _name_flag(error: str) -> str:
+    field, sep, rest = error.partition(":")
+    flag = FLAGS.get(field.strip())
+    return f"{flag} ({field}){sep}{rest}" if sep and flag else error
+
+
+def _build_config(args: argparse.Namespace):
     from jobs.runtime import DEFAULT_WORKDIR, tracking_uri
     from serving.config import ServeConfig
 

@@ -57,8 +57,14 @@ def test_reports_every_bad_setting_at_once(tmp_path, capsys):
     argv += ["--batch-wait-ms", "-1", "--replicas", "0", "--tasks", "../x"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    for field in ("port", "batching.max_batch_size", "batching.batch_wait_ms", "replicas", "tasks"):
-        assert field in err, (field, err)
+    for named in (
+        "--port (port):",
+        "--max-batch-size (batching.max_batch_size):",
+        "--batch-wait-ms (batching.batch_wait_ms):",
+        "--replicas (replicas):",
+        "--tasks (tasks):",
+    ):
+        assert named in err, (named, err)
     argv = ["serve", "--model", str(tmp_path), "--max-batch-size", "16"]
     assert main([*argv, "--max-ongoing-requests", "4"]) == 2
     assert "max_ongoing_requests" in capsys.readouterr().err
