@@ -41,6 +41,7 @@ from pipeline.metrics import (
     roc_auc,
 )
 from pipeline.predict import Predictor, load_predictor
+from pipeline.tracking import artifact_location
 
 log = logging.getLogger(__name__)
 
@@ -724,7 +725,13 @@ def _target_run(client, cfg: EvalConfig, model: Predictor) -> tuple[str, bool]:
                 "the model's run %s is not in this tracking store; logging to a new run", run_id
             )
     exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            cfg.experiment, artifact_location=artifact_location(client.tracking_uri)
+        )
+    )
     run = client.create_run(exp_id, run_name=f"evaluate {Path(str(model.info.uri)).name}")
     return run.info.run_id, True
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.tracking import artifact_location
+
 DEFAULT_PREFIX = "adrel"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -117,20 +119,12 @@ def _reading_client(tracking_uri: str | None):
     return _client(tracking_uri)
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Beside the sqlite file for a local store (never the current directory), else the server's."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "mlartifacts").resolve().as_uri()
-    return None
-
-
 def _experiment(client, name: str, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri))
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
     except Exception:  # created concurrently
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -27,11 +27,17 @@ def resolve_tracking_uri(workdir: str | Path, configured: str | None = None) -> 
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
 
 
-def artifact_location(tracking_uri: str, workdir: str | Path) -> str | None:
+def artifact_location(tracking_uri: str, workdir: str | Path | None = None) -> str | None:
     """Where a new experiment keeps artifacts: under the workdir for a local (sqlite/file)
-    store, the server's choice otherwise. Never relative: workers run in other directories."""
+    store (without one: beside the sqlite file), the server's choice otherwise. Never relative
+    (MLflow's default for a sqlite store is ./mlartifacts of whatever directory a process runs
+    in; workers run in other directories)."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         return None
+    if workdir is None:
+        if not tracking_uri.startswith("sqlite:///"):
+            return None
+        workdir = Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0]).parent
     return (Path(workdir) / "mlartifacts").resolve().as_uri()
 
 

@@ -332,6 +332,9 @@ def test_first_model_thresholds_quarantine_and_new_mlflow_run(setup, tmp_path, m
     assert run.data.metrics["eval.gate_failed"] == 1.0
     assert math.isclose(run.data.metrics["eval.exact.roc_auc"], t["exact"]["model"]["roc_auc"])
     assert "eval.macro.ndcg_at_5" in run.data.metrics
+    # Its artifacts sit beside the sqlite store, not in whatever directory the process ran in.
+    exp = MlflowClient(mlflow_uri).get_experiment(run.info.experiment_id)
+    assert exp.artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
 
 
 def test_mlflow_uris_and_logging_to_the_models_run(setup, tmp_path, mlflow_uri):
