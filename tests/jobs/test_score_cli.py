@@ -67,8 +67,10 @@ def _register(export_dir: Path, uri: str, alias: str = "champion") -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    mlflow.set_experiment("score-cli-test")
-    with mlflow.start_run() as run:
+    from pipeline.tracking import artifact_location
+
+    exp = client.create_experiment("score-cli-test", artifact_location=artifact_location(uri))
+    with mlflow.start_run(experiment_id=exp) as run:
         for task in TASKS:
             mlflow.log_artifacts(str(export_dir / task), artifact_path=f"export/{task}")
     for task in TASKS:

@@ -341,7 +341,9 @@ def test_mlflow_uris_and_logging_to_the_models_run(setup, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
-    run = client.create_run(client.create_experiment("train"))
+    run = client.create_run(
+        client.create_experiment("train", artifact_location=(tmp_path / "art").as_uri())
+    )
     run_id = run.info.run_id
     client.log_artifacts(run_id, str(setup["a"]), "checkpoint")
     client.set_terminated(run_id)
