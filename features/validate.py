@@ -4,8 +4,9 @@
 it adds a `reason` column, null for a valid row. Whole-file problems (unreadable, missing a
 required column, a type that cannot be normalised, an invalid task directory) are reported by
 path in `ValidationReport.bad_files`; their rows are quarantined when they can be read and
-counted when only the footer can. Row conservation (rows in = clean + quarantined) is checked
-by `ValidationReport.finish`.
+counted when only the footer can. A file that cannot be opened at all (its rows cannot be
+counted) refuses the data whatever the threshold. Row conservation (rows in = clean +
+quarantined) is checked by `ValidationReport.finish`.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class ValidationConfig:
 
 
 class ThresholdExceeded(ValueError):
-    """More rows were quarantined than `max_bad_fraction` allows; `.report` has the details."""
+    """The data were refused: more rows were quarantined than `max_bad_fraction` allows, or a
+    file could not be opened (its rows cannot be accounted for); `.report` has the details."""
 
     def __init__(self, report: ValidationReport):
         self.report = report
@@ -350,7 +352,9 @@ class ValidationReport:
 
     rows_unreadable: quarantined rows that were counted from a footer but could not be read
     (so they are in no quarantine file). Files whose rows cannot even be counted are in
-    `bad_files` with rows=None and outside the counts.
+    `bad_files` with rows=None and outside the counts; any such file refuses the data
+    (`over_threshold`, whatever `max_bad_fraction`): rows nobody can count are not accounted
+    for by the threshold.
     """
 
     rows_in: int = 0
@@ -415,7 +419,7 @@ class ValidationReport:
             self.over_threshold = bool(self.bad_files)
             head = "no readable rows"
         else:
-            self.over_threshold = frac > self.max_bad_fraction
+            self.over_threshold = frac > self.max_bad_fraction or bool(unknown)
             head = (
                 f"{self.rows_quarantined} of {self.rows_in} rows quarantined ({frac:.2%}, "
                 f"max {self.max_bad_fraction:.2%})"
@@ -423,16 +427,22 @@ class ValidationReport:
         parts = [head]
         if self.bad_files:
             parts.append(f"{len(self.bad_files)} file problem(s)")
-        if unknown:
-            parts.append(f"{len(unknown)} unreadable file(s) of unknown size")
+        sections = [", ".join(parts)]
+        if unknown:  # first: it refuses the data whatever share was quarantined
+            files = "; ".join(f"{b.path} ({b.detail})" for b in unknown)
+            sections.insert(
+                0,
+                f"{len(unknown)} unreadable file(s) of unknown size, so their rows cannot be "
+                f"accounted for: {files}",
+            )
         verdict = "refused" if self.over_threshold else "ok"
         q = self.quarantine_dir
         where = f"; see {q}" if q and self.rows_quarantined else ""
-        self.message = f"{verdict}: " + ", ".join(parts) + where
+        self.message = f"{verdict}: " + "; ".join(sections) + where
         return self
 
     def check(self) -> ValidationReport:
-        """Raise ThresholdExceeded when over the threshold."""
+        """Raise ThresholdExceeded when refused (over the threshold, or a file unopened)."""
         if self.over_threshold:
             raise ThresholdExceeded(self)
         return self
@@ -654,10 +664,10 @@ def validate_dir(
     Writes OUT/clean/task=<name>/*.parquet (valid rows, label int8, the task only in the
     directory name), OUT/quarantine/*.parquet
     (rejected rows: original columns as text + reason + source_file + task, see
-    `to_quarantine`) and OUT/report.json, also
-    when the quarantined share is over `cfg.max_bad_fraction` (the report says so: call
-    `.check()` to raise `ThresholdExceeded`). Task directories with invalid names are never
-    written to clean/.
+    `to_quarantine`) and OUT/report.json, also when the data are refused: the quarantined
+    share is over `cfg.max_bad_fraction`, or a file cannot be opened, so its rows are neither
+    clean nor quarantined (the report says "refused" and names the file: call `.check()` to
+    raise `ThresholdExceeded`). Task directories with invalid names are never written to clean/.
     """
     cfg = cfg or ValidationConfig()
     inp, out = Path(input_dir).resolve(), Path(out_dir).resolve()

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
 
     v = sub.add_parser(
         "validate",
-        help="check every row; write clean/ and quarantine/ (exit 2 when over the threshold)",
+        help="check every row; write clean/ and quarantine/ (exit 2 when over the threshold "
+        "or when a file cannot be opened)",
     )
     v.add_argument("--input", required=True, help="root with task=<name>/*.parquet")
     v.add_argument("--out", required=True, help="writes OUT/clean/task=*/, OUT/quarantine/")
@@ -32,7 +33,8 @@ def register(subparsers) -> None:
         "--max-bad-fraction",
         type=float,
         default=0.01,
-        help="refuse (exit 2) above this quarantined share (default 0.01)",
+        help="refuse (exit 2) above this quarantined share (default 0.01); a file that cannot be "
+        "opened refuses the data whatever this is",
     )
     v.add_argument(
         "--max-text-chars",

@@ -3,8 +3,9 @@
     adrel score --model URI --input DIR --output DIR [--tasks a b] [--overwrite]
                 [--batch-size N] [--actors N] [--address ADDR]
 
-Exit codes: 0 scored and published; 2 bad input (a task without a model, output exists,
-bad option); 1 the run failed (row conservation broken, a worker error): nothing published.
+Exit codes: 0 scored and published; 2 bad input (a task without a model, an input file that
+cannot be opened or has a reason/source_file/row_id column, output exists, bad option); 1 the
+run failed (row conservation broken, a worker error): nothing published.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ models:/<name>/<version> (one task model), models:/<prefix>@<alias> (that alias 
 output: OUTPUT/task=<name>/*.parquet (input columns + score, model_name, model_version),
 OUTPUT/_quarantine/*.parquet (rows that failed validation, with reason), OUTPUT/_batch_score.json.
 Written to a hidden staging folder next to OUTPUT and renamed into place at the end.
+
+input columns named like output ones: an input column score, model_name or model_version (as
+when re-scoring a previous result) is replaced by this run's values in the scored rows, and the
+summary lists it as replaced; quarantined rows keep the input's. An input column named reason,
+source_file or row_id (columns the run adds itself) is refused (exit 2, naming file and column).
 """
 
 

@@ -53,8 +53,11 @@ from serving.scorer import Scorer, load_scorers, sigmoid
 QUARANTINE_DIR = "_quarantine"
 SUMMARY_FILE = "_batch_score.json"  # hidden from data readers (features.schema.discover)
 OWNER_FILE = "_owner.json"
+# Written on every scored row; an input column of one of these names is replaced, not
+# carried over (InputLayout.replaced, reported in the summary; the quarantine keeps it).
 OUTPUT_COLUMNS = ("score", "model_name", "model_version")
-# Columns the read adds for validation; not part of the scored output.
+# Columns the read adds for validation; not part of the scored output. An input file with a
+# column of one of these names is refused (InputLayout.reserved): the run would lose it.
 INTERNAL_COLUMNS = ("row_id", "source_file", "reason")
 STATS_SCHEMA = pa.schema(
     [
@@ -188,7 +191,9 @@ class ScoreBlock:
     pyarrow table of marked rows (validation `reason`, null when valid): valid rows get
     `score`, `model_name`, `model_version` and go to staging/task=<name>/, the others to
     staging/_quarantine/. Returns one STATS_SCHEMA row per (file, task, reason), so the
-    driver counts rows and checks files without moving the data.
+    driver counts rows and checks files without moving the data. `keep_columns` (the input
+    columns of each task's scored rows) must not name an OUTPUT_COLUMNS column: the file
+    would hold two columns of that name, which readers refuse.
     """
 
     def __init__(
@@ -207,6 +212,8 @@ class ScoreBlock:
             for t, m in self.models.items()
         }
         self.staging = Path(staging)
+        clash = {t: [c for c in cols if c in OUTPUT_COLUMNS] for t, cols in keep_columns.items()}
+        assert not any(clash.values()), f"keep_columns name output columns: {clash}"
         self.keep_columns = keep_columns
         self.quarantine_columns = quarantine_columns
         self.batch_size = int(batch_size)
@@ -298,7 +305,12 @@ class TaskScoreCounts:
 
 @dataclass
 class BatchScoreResult:
-    """What a run did: rows per task (in = scored + quarantined, checked), speed, output."""
+    """What a run did: rows per task (in = scored + quarantined, checked), speed, output.
+
+    dropped_columns: extra input columns whose types conflict across files (their values are
+    not carried over). replaced_columns: input columns named like an output column (OUTPUT_COLUMNS):
+    the scored rows hold this run's values instead; quarantined rows keep the input's.
+    """
 
     output_dir: str
     model: str
@@ -308,6 +320,7 @@ class BatchScoreResult:
     rows_unreadable: int = 0
     bad_files: list[dict] = field(default_factory=list)
     dropped_columns: list[str] = field(default_factory=list)
+    replaced_columns: list[str] = field(default_factory=list)
     files: int = 0
     first_block_s: float | None = None
     steady_rows_per_s: float | None = None
@@ -355,6 +368,11 @@ class BatchScoreResult:
         ]
         if self.dropped_columns:
             lines.append(f"columns dropped (types conflict across files): {self.dropped_columns}")
+        if self.replaced_columns:
+            lines.append(
+                f"input columns replaced by this run's: {self.replaced_columns} (the scored "
+                f"rows hold the new values; quarantined rows keep the input's)"
+            )
         for b in self.bad_files:
             lines.append(f"file problem: {b['path']}: {b['reason']}: {b['detail']}")
         return "\n".join(lines)
@@ -490,24 +508,36 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
 @dataclass
 class InputLayout:
     """From the file footers: each task's columns (first-seen order), the union over all
-    files, the schema every marked block is cast to, and extra columns dropped for conflicts."""
+    files, the schema every marked block is cast to, extra columns dropped for conflicts,
+    input columns the output replaces (named like an OUTPUT_COLUMNS column) and, per file,
+    columns named like an INTERNAL_COLUMNS one (the run refuses those files)."""
 
     task_columns: dict[str, list[str]]
     all_columns: list[str]
     schema: pa.Schema
     dropped: list[str]
+    replaced: list[str] = field(default_factory=list)
+    reserved: dict[str, list[str]] = field(default_factory=dict)
+
+    def scored_columns(self, task: str) -> list[str]:
+        """The input columns carried over to `task`'s scored rows (before the output's)."""
+        skip = (*INTERNAL_COLUMNS, *OUTPUT_COLUMNS)
+        return [c for c in self.task_columns.get(task, []) if c not in skip]
 
 
 def input_layout(sources) -> InputLayout:
     per_task: dict[str, list[str]] = {}
     union: list[str] = []
     schemas = []
+    reserved: dict[str, list[str]] = {}
     for src in sources:
         try:
             schema = pq.read_schema(src.path)
         except (OSError, pa.ArrowException, ValueError):
             continue
         schemas.append(schema)
+        if clash := [c for c in schema.names if c in INTERNAL_COLUMNS]:
+            reserved[src.rel] = clash
         cols = per_task.setdefault(src.task or "", [])
         for c in schema.names:
             if c not in cols:
@@ -517,7 +547,8 @@ def input_layout(sources) -> InputLayout:
     base, dropped = read_schema(schemas)
     for name in ("source_file", "reason"):
         base = base.append(pa.field(name, pa.string()))
-    return InputLayout(per_task, union, base, dropped)
+    replaced = [c for c in union if c in OUTPUT_COLUMNS]
+    return InputLayout(per_task, union, base, dropped, replaced, reserved)
 
 
 def _actor_resources(cfg: BatchScoreConfig) -> tuple[float, int, float]:
@@ -697,10 +728,12 @@ def score_inventory(
     """Score every row under `input_dir` (ROOT/task=<name>/*.parquet) into `output_dir`.
 
     Writes OUTPUT/task=<name>/*.parquet (every input column + score (float32 probability),
-    model_name, model_version), OUTPUT/_quarantine/*.parquet (rows that failed validation,
-    with `reason` and `source_file`) and OUTPUT/_batch_score.json (the summary), published
-    together at the end. Raises, with nothing written: ValueError when a task in the input
-    has no model, OutputExists when OUTPUT holds a result (without `overwrite`);
+    model_name, model_version; an input column of one of those names is replaced: listed in
+    `replaced_columns`), OUTPUT/_quarantine/*.parquet (rows that failed validation, as they
+    came in, with `reason` and `source_file`) and OUTPUT/_batch_score.json (the summary),
+    published together at the end. Raises, with nothing written: ValueError when a task in
+    the input has no model, or an input file cannot be opened or has a column named like an
+    INTERNAL_COLUMNS one; OutputExists when OUTPUT holds a result (without `overwrite`);
     BatchScoreError when rows in != scored + quarantined for a task. `config`, when given,
     replaces batch_size / num_actors / num_gpus_per_actor. Needs a running Ray (jobs start it).
     """
@@ -733,6 +766,12 @@ def score_inventory(
             + "; ".join(unopenable)
         )
     layout = input_layout(sources)
+    if layout.reserved:
+        raise ValueError(
+            f"input file(s) have column(s) named like the ones batch scoring adds itself "
+            f"{list(INTERNAL_COLUMNS)}, so their values would be lost; rename them: "
+            + "; ".join(f"{rel}: {cols}" for rel, cols in layout.reserved.items())
+        )
 
     clean_stale_staging(out, log)
     staging = _make_staging(out)
@@ -775,9 +814,7 @@ def _run(
             c.reasons[r] = c.reasons.get(r, 0) + k
 
     actor_cpus, threads, num_gpus = _actor_resources(cfg)
-    keep = {
-        t: [c for c in layout.task_columns.get(t, []) if c not in INTERNAL_COLUMNS] for t in models
-    }
+    keep = {t: layout.scored_columns(t) for t in models}
     qcols = [c for c in layout.all_columns if c not in INTERNAL_COLUMNS]
     qcols += [c for c in ("task", "source_file", "reason") if c not in qcols]
     ds = _build_dataset(plan, driver_good, vcfg, layout.schema, read_cpus=READ_CPUS)
@@ -829,6 +866,7 @@ def _run(
         rows_unreadable=report.rows_unreadable,
         bad_files=[asdict(b) for b in report.bad_files],
         dropped_columns=layout.dropped,
+        replaced_columns=layout.replaced,
         files=files,
         first_block_s=progress.first_block_s,
         steady_rows_per_s=progress.steady_rows_per_s,

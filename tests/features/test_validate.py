@@ -153,8 +153,40 @@ def test_conservation_with_corrupt_and_foreign_files(tmp_path):
     unknown = {b.path for b in report.bad_files if b.rows is None}
     assert unknown == {"task=b/notes.parquet", "task=b/truncated.parquet"}
     assert "2 unreadable file(s) of unknown size" in report.message
+    assert report.over_threshold and report.message.startswith("refused")  # even at 1.0
     table = report.table()
     assert "task=b/notes.parquet" in table and "TOTAL" in table
+
+
+def test_unopenable_file_refuses_the_data(tmp_path, capsys):
+    # Its rows are neither clean nor quarantined: no threshold can account for them.
+    src = tmp_path / "in"
+    rows = good_rows(10, "g")
+    rows["query"][4] = "  "  # a per-row problem, quarantined as before
+    write(src / "task=x/a.parquet", rows)
+    (src / "task=x/zz.parquet").write_bytes(b"\x00junk, not parquet\xff" * 8)
+    cfg = ValidationConfig(max_bad_fraction=1.0)
+    report = validate_dir(src, tmp_path / "out", cfg)
+    assert report.over_threshold and report.message.startswith("refused")
+    assert "1 unreadable file(s) of unknown size, so their rows cannot be accounted for" in (
+        report.message
+    )
+    assert "task=x/zz.parquet (ArrowInvalid: " in report.message  # the file and the reason
+    with pytest.raises(ThresholdExceeded, match="task=x/zz.parquet"):
+        report.check()
+    saved = json.loads((tmp_path / "out/report.json").read_text())
+    assert saved["over_threshold"] and saved["message"].startswith("refused")
+    assert (report.rows_in, report.rows_clean, report.rows_quarantined) == (10, 9, 1)
+    assert clean_rows(tmp_path / "out") == 9 and quarantine_rows(tmp_path / "out") == 1
+
+    from jobs.cli import main
+
+    args = ["data", "validate", "--input", str(src), "--max-bad-fraction", "1"]
+    assert main([*args, "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "task=x/zz.parquet" in err
+    (src / "task=x/zz.parquet").unlink()
+    assert main([*args, "--out", str(tmp_path / "out3")]) == 0
 
 
 def test_dtype_drift_is_normalised(tmp_path):

@@ -394,11 +394,67 @@ def test_rerun_refuses_then_overwrite_replaces_whole(export_dir, tmp_path, ray_l
 
 
 def test_task_without_model_fails_before_writing(export_dir, tmp_path, ray_local):
-    from features.synth import generate
-
-    inv = synth_inventory(tmp_path / "inv", 20)
-    generate(inv, 20, 3, tasks=["shopping"], with_labels=False)
+    inv = synth_inventory(tmp_path / "inv", 20, tasks=(*TASKS, "shopping"))
     out = tmp_path / "scores"
     with pytest.raises(ValueError, match=r"no model for task\(s\) \['shopping'\]"):
         score_inventory(str(export_dir), inv, out, config=quiet_cfg(), log=None)
+    assert not out.exists() and not staging_dirs(out)
+
+
+def test_input_columns_named_like_outputs_are_replaced(export_dir, tmp_path, ray_local):
+    # Re-scoring a previous result: its score / model_version columns collide with the ones
+    # this run writes. The fresh values win, the summary says so, the output reads back.
+    inv = synth_inventory(tmp_path / "inv", 30)
+    for path in sorted((inv / "task=exact_match").glob("*.parquet")):
+        t = pq.read_table(path)
+        t = t.set_column(
+            t.column_names.index("query"),
+            "query",
+            pa.array(["  "] + t.column("query").to_pylist()[1:]),
+        )  # one row quarantined per file
+        t = t.append_column("score", pa.array([-1.0] * t.num_rows, pa.float64()))
+        t = t.append_column("model_version", pa.array(["old"] * t.num_rows, pa.string()))
+        pq.write_table(t, path)
+    out = tmp_path / "scores"
+    res = score_inventory(str(export_dir), inv, out, config=quiet_cfg(), log=None)
+    assert res.rows_in == 60 and res.rows_quarantined == 2 and res.rows_scored == 58
+    for f in sorted((out / "task=exact_match").glob("*.parquet")):
+        got = pq.read_table(f, columns=["score", "model_version"])  # one match per name
+        assert got.schema.field("score").type == pa.float32()
+    whole = pq.read_table(out)  # the whole result as one Hive dataset, as readers take it
+    assert whole.num_rows == 58
+    assert whole.column_names.count("score") == 1
+    assert whole.column_names.count("model_version") == 1
+    assert whole.schema.field("score").type == pa.float32()
+    scores = whole.column("score").to_numpy()
+    assert ((scores > 0.0) & (scores < 1.0)).all()  # fresh probabilities, not the old -1.0
+    assert "old" not in whole.column("model_version").to_pylist()
+    # The quarantine keeps the rows as they came in, their old columns included.
+    (bad,) = [t for t in read_quarantine(out) if "score" in t.column_names]
+    assert bad.num_rows == 2 and set(bad.column("score").to_pylist()) == {"-1"}
+    assert set(bad.column("model_version").to_pylist()) == {"old"}
+    assert res.replaced_columns == ["score", "model_version"]
+    assert "score" not in res.dropped_columns  # not a type conflict
+    assert "input columns replaced by this run's: ['score', 'model_version']" in res.summary()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["replaced_columns"] == ["score", "model_version"]
+
+
+def test_input_columns_named_like_internal_ones_are_refused(
+    export_dir, tmp_path, ray_local, capsys
+):
+    # `reason` and `source_file` are the quarantine's own columns (and `row_id` the read's):
+    # an input column of such a name would crash the read or vanish from the output.
+    from jobs.cli import main
+
+    inv = synth_inventory(tmp_path / "inv", 10)
+    path = sorted((inv / "task=broad_match").glob("*.parquet"))[0]
+    t = pq.read_table(path)
+    pq.write_table(t.append_column("reason", pa.array(["promo"] * t.num_rows)), path)
+    out = tmp_path / "scores"
+    with pytest.raises(ValueError, match=rf"{path.parent.name}/{path.name}: \['reason'\]"):
+        score_inventory(str(export_dir), inv, out, config=quiet_cfg(), log=None)
+    code = main(["score", "--model", str(export_dir), "--input", str(inv), "--output", str(out)])
+    assert code == 2
+    assert "rename them" in capsys.readouterr().err
     assert not out.exists() and not staging_dirs(out)
