@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.runtime import cpu_count_arg
+
 EPILOG = """\
 model URIs: an export directory (index.json) or one task folder, models:/<name>@<alias> or
 models:/<name>/<version> (one task model), models:/<prefix>@<alias> (that alias on every
@@ -56,7 +58,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--max-text-chars", type=int, help="longer text is quarantined (10000)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument(
+        "--num-cpus", type=cpu_count_arg, help="CPUs of the local Ray cluster (default: all)"
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: env)")
     p.add_argument(
         "--progress-every", type=float, default=5.0, help="seconds between progress lines"
@@ -83,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         BatchScoreConfig,
         BatchScoreError,
         OutputExists,
+        plan_scoring,
         score_inventory,
     )
 
@@ -96,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
         "progress_every_s": args.progress_every,
     }
     cfg = BatchScoreConfig(**{k: v for k, v in given.items() if v is not None})
+    try:  # input, output and model checked before a cluster starts
+        planned = plan_scoring(
+            args.model, args.input, args.output, args.tasks, args.overwrite, args.tracking_uri
+        )
+    except OutputExists as e:
+        raise UserError(str(e)) from None
     started = ensure_ray(address=args.address, num_cpus=args.num_cpus)
     try:
         _quiet_ray_data()
@@ -108,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             config=cfg,
             tracking_uri=args.tracking_uri,
             log=None if args.quiet else _log,
+            planned=planned,
         )
     except OutputExists as e:
         raise UserError(str(e)) from None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 import socket
@@ -33,6 +34,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -124,8 +126,10 @@ class BatchScoreConfig:
             v = getattr(self, name)
             if v is None and name != "progress_every_s":
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 errors.append(f"{name} must be a number >= 0, got {v!r}")
+            elif not math.isfinite(v):
+                errors.append(f"{name} must be finite, got {v!r}")
         if errors:
             raise ConfigError(errors)
 
@@ -711,38 +715,31 @@ class _Progress:
         return (self.done - self.first_rows) / span if span > 0 else None
 
 
-def score_inventory(
+@dataclass
+class ScoringPlan:
+    """What a batch scoring run will read, score with and write: every input check done, no
+    Ray needed (`plan_scoring`)."""
+
+    input_dir: Path
+    output_dir: Path
+    overwrite: bool
+    read: Any  # pipeline.ingest.ReadPlan
+    models: dict[str, TaskModel]
+    layout: InputLayout
+
+
+def plan_scoring(
     model: str,
     input_dir: str | Path,
     output_dir: str | Path,
     tasks: list[str] | None = None,
     overwrite: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    num_actors: int = 1,
-    num_gpus_per_actor: float | None = None,
-    *,
-    config: BatchScoreConfig | None = None,
     tracking_uri: str | None = None,
-    log: Log | None = print,
-) -> BatchScoreResult:
-    """Score every row under `input_dir` (ROOT/task=<name>/*.parquet) into `output_dir`.
-
-    Writes OUTPUT/task=<name>/*.parquet (every input column + score (float32 probability),
-    model_name, model_version; an input column of one of those names is replaced: listed in
-    `replaced_columns`), OUTPUT/_quarantine/*.parquet (rows that failed validation, as they
-    came in, with `reason` and `source_file`) and OUTPUT/_batch_score.json (the summary),
-    published together at the end. Raises, with nothing written: ValueError when a task in
-    the input has no model, or an input file cannot be opened or has a column named like an
-    INTERNAL_COLUMNS one; OutputExists when OUTPUT holds a result (without `overwrite`);
-    BatchScoreError when rows in != scored + quarantined for a task. `config`, when given,
-    replaces batch_size / num_actors / num_gpus_per_actor. Needs a running Ray (jobs start it).
-    """
+) -> ScoringPlan:
+    """Check the input, the output and the model, without Ray: a job calls this before it
+    starts a cluster, so bad input fails in a second. Raises as `score_inventory` does."""
     from pipeline.ingest import plan_read
 
-    cfg = config or BatchScoreConfig(
-        batch_size=batch_size, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor
-    )
-    start = time.perf_counter()
     inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     if not inp.is_dir():
         raise FileNotFoundError(f"no input directory at {inp}")
@@ -772,15 +769,51 @@ def score_inventory(
             f"{list(INTERNAL_COLUMNS)}, so their values would be lost; rename them: "
             + "; ".join(f"{rel}: {cols}" for rel, cols in layout.reserved.items())
         )
+    return ScoringPlan(inp, out, overwrite, plan, models, layout)
 
+
+def score_inventory(
+    model: str,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    tasks: list[str] | None = None,
+    overwrite: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_actors: int = 1,
+    num_gpus_per_actor: float | None = None,
+    *,
+    config: BatchScoreConfig | None = None,
+    tracking_uri: str | None = None,
+    log: Log | None = print,
+    planned: ScoringPlan | None = None,
+) -> BatchScoreResult:
+    """Score every row under `input_dir` (ROOT/task=<name>/*.parquet) into `output_dir`.
+
+    Writes OUTPUT/task=<name>/*.parquet (every input column + score (float32 probability),
+    model_name, model_version; an input column of one of those names is replaced: listed in
+    `replaced_columns`), OUTPUT/_quarantine/*.parquet (rows that failed validation, as they
+    came in, with `reason` and `source_file`) and OUTPUT/_batch_score.json (the summary),
+    published together at the end. Raises, with nothing written: ValueError when a task in
+    the input has no model, or an input file cannot be opened or has a column named like an
+    INTERNAL_COLUMNS one; OutputExists when OUTPUT holds a result (without `overwrite`);
+    BatchScoreError when rows in != scored + quarantined for a task. `config`, when given,
+    replaces batch_size / num_actors / num_gpus_per_actor. `planned`: the result of
+    `plan_scoring` for the same arguments, checked already. Needs a running Ray (jobs start it).
+    """
+    cfg = config or BatchScoreConfig(
+        batch_size=batch_size, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor
+    )
+    start = time.perf_counter()
+    p = planned or plan_scoring(model, input_dir, output_dir, tasks, overwrite, tracking_uri)
+    out = p.output_dir
     clean_stale_staging(out, log)
     staging = _make_staging(out)
     try:
-        result = _run(plan, models, str(model), cfg, staging, layout, log)
+        result = _run(p.read, p.models, str(model), cfg, staging, p.layout, log)
         result.output_dir = str(out)
         result.seconds = time.perf_counter() - start
         (staging / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        publish(staging, out, overwrite)
+        publish(staging, out, p.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

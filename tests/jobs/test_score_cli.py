@@ -34,6 +34,34 @@ def score(*args: str) -> int:
     return main(["score", "--progress-every", "0", *map(str, args)])
 
 
+def test_bad_input_is_refused_before_a_cluster_starts(export_dir, tmp_path, monkeypatch, capsys):
+    import jobs.runtime
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started for input that was refused")
+
+    monkeypatch.setattr(jobs.runtime, "ensure_ray", no_cluster)
+    inv = synth_inventory(tmp_path / "inv", 10, tasks=("exact_match", "brand_protect"))
+    cases = [
+        (["--input", tmp_path / "nope"], "no input directory"),
+        (["--input", inv, "--tasks", "../x"], "../x"),
+        (["--input", inv, "--output", inv / "out"], "inside"),
+        (["--input", inv, "--tasks", "shopping"], "shopping"),
+    ]
+    for extra, text in cases:
+        argv = ["--model", export_dir, "--output", tmp_path / "o", *extra]
+        assert score(*argv) == 2, extra
+        assert text in capsys.readouterr().err, extra
+    for option, field in (("--progress-every", "progress_every_s"),
+                          ("--gpus-per-actor", "num_gpus_per_actor")):  # fmt: skip
+        for value in ("nan", "inf"):
+            assert score("--model", export_dir, "--input", inv, "--output", tmp_path / "o",
+                         option, value) == 2  # fmt: skip
+            err = capsys.readouterr().err
+            assert f"{field} must be" in err and value in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_scores_refuses_a_rerun_and_overwrites(export_dir, tmp_path, ray_local, capsys):
     inv = synth_inventory(tmp_path / "inv", 30)
     out = tmp_path / "scores"
