@@ -59,6 +59,10 @@ ROW_REASONS = (
 FILE_REASONS = ("unreadable_file", "missing_column", "schema_mismatch", "invalid_task_name")
 REASONS = tuple(dict.fromkeys((*ROW_REASONS, *FILE_REASONS)))
 QUARANTINE_COLUMNS = ("reason", "source_file", "task")
+# Columns the pipeline adds to rows itself (the quarantine's reason and source_file, ingest's
+# row_id): an input file with one of them is refused as a whole (`reserved_column`), its rows
+# quarantined with those columns kept as input_<name>.
+RESERVED_COLUMNS = ("reason", "source_file", "row_id")
 NO_TASK = "(no task dir)"
 
 
@@ -219,11 +223,14 @@ def mark_rows(table: pa.Table, cfg: ValidationConfig, task: str | None = None) -
 
     task: the partition the rows come from; the table's `task` column is set to it (a row
     whose own `task` value differs is `task_mismatch` and keeps its value). Without `task`,
-    the table must have a `task` column. Raises ValueError when a required column is missing.
+    the table must have a `task` column. Raises ValueError when a required column is missing
+    or a column already has the name `reason`.
     """
     missing = missing_columns(table.schema, cfg.require_label)
     if missing:
         raise ValueError(f"rows are missing required column(s) {missing}")
+    if "reason" in table.column_names:
+        raise ValueError("the rows have a column named 'reason', the one this check adds")
     reasons = _Reasons(table.num_rows)
     table = _task_checks(table, task, reasons, cfg)
     _text_checks(table, reasons, cfg)
@@ -488,9 +495,12 @@ def _first_line(e: BaseException) -> str:
 def _with_columns(table: pa.Table, reason: str, source: str | None = None, task=None) -> pa.Table:
     """Quarantine form: the rows' columns plus reason, source_file and (if absent) task."""
     n = table.num_rows
-    for name in QUARANTINE_COLUMNS:
-        if name in table.column_names and name != "task":
-            table = table.drop_columns([name])
+    for name in RESERVED_COLUMNS:  # the input's own values are kept, under another name
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            table = table.rename_columns(
+                [f"input_{c}" if k == i else c for k, c in enumerate(table.column_names)]
+            )
     table = table.append_column("reason", pa.array([reason] * n, pa.string()))
     if source is not None:
         table = table.append_column("source_file", pa.array([source] * n, pa.string()))
@@ -588,6 +598,12 @@ def check_file(
 def _file_problem(src: Source, schema: pa.Schema, cfg) -> tuple[str | None, str]:
     if src.problem:
         return "invalid_task_name", src.problem
+    reserved = [n for n in RESERVED_COLUMNS if n in schema.names]
+    if reserved:
+        return "reserved_column", (
+            f"column(s) {reserved} are names the pipeline adds itself (quarantine reason, "
+            "source file, row id); rename them"
+        )
     missing = missing_columns(schema, cfg.require_label)
     if missing:
         return "missing_column", f"missing required column(s) {missing}; has {schema.names}"

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from features.schema import TASK_DIR_PREFIX, read_schema
 from features.tokenize import TOKEN_COLUMNS, trim_batch
 from features.validate import (
+    RESERVED_COLUMNS,
     ValidationConfig,
     ValidationReport,
     check_file,
@@ -60,7 +61,7 @@ OWNER_FILE = "_owner.json"
 OUTPUT_COLUMNS = ("score", "model_name", "model_version")
 # Columns the read adds for validation; not part of the scored output. An input file with a
 # column of one of these names is refused (InputLayout.reserved): the run would lose it.
-INTERNAL_COLUMNS = ("row_id", "source_file", "reason")
+INTERNAL_COLUMNS = RESERVED_COLUMNS  # the run adds these to rows itself
 STATS_SCHEMA = pa.schema(
     [
         pa.field("task", pa.string()),

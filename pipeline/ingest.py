@@ -42,6 +42,7 @@ from features.schema import (
 from features.tasks import TaskRegistry
 from features.tokenize import TOKEN_COLUMNS, PairTokenizer
 from features.validate import (
+    RESERVED_COLUMNS,
     ThresholdExceeded,
     ValidationConfig,
     ValidationReport,
@@ -111,6 +112,7 @@ def plan_read(
             continue
         direct = (
             src.task_ok
+            and not any(n in schema.names for n in RESERVED_COLUMNS)  # refused on the driver
             and not missing_columns(schema, require_label)
             and all(scan_castable(f.name, f.type) for f in schema)
             and ("task" not in schema.names or _task_column_consistent(md, src.task))

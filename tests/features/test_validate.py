@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -138,18 +139,26 @@ def test_conservation_with_corrupt_and_foreign_files(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-30])
     write(src / "stray.parquet", good_rows(4, "s"))  # outside any task directory
     write(src / "task=a/_SUCCESS", {"x": [1]})  # marker files are not data
+    write(src / "task=a/reserved.parquet", {**good_rows(3, "r"), "reason": ["x", None, "y"]})
 
     report = validate_dir(src, tmp_path / "out", ValidationConfig(max_bad_fraction=1.0))
     out = tmp_path / "out"
-    assert report.rows_in == 40 + 10 + 30 + 4  # footers of the unreadable-size files are lost
+    assert report.rows_in == 40 + 10 + 30 + 4 + 3  # footers of unreadable-size files are lost
     assert report.rows_in == report.rows_clean + report.rows_quarantined
     assert report.rows_clean == clean_rows(out) == 40 + 7 + 20
     assert report.rows_quarantined == quarantine_rows(out) + report.rows_unreadable
     assert report.rows_unreadable == 10
     assert report.per_reason == {
         "null_query": 1, "empty_ad_title": 1, "label_not_binary": 1,
-        "unreadable_file": 10, "invalid_task_name": 4,
+        "unreadable_file": 10, "invalid_task_name": 4, "reserved_column": 3,
     }  # fmt: skip
+    # The file with a `reason` column of its own: refused, its values kept as input_reason.
+    q = pa.concat_tables(
+        [pq.read_table(f) for f in (out / "quarantine").glob("*.parquet")],
+        promote_options="default",
+    )
+    mine = q.filter(pc.equal(q.column("reason"), "reserved_column"))
+    assert mine.column("input_reason").to_pylist() == ["x", None, "y"]
     unknown = {b.path for b in report.bad_files if b.rows is None}
     assert unknown == {"task=b/notes.parquet", "task=b/truncated.parquet"}
     assert "2 unreadable file(s) of unknown size" in report.message
@@ -282,6 +291,12 @@ def test_validate_batch_on_numpy_dict():
             {"query": np.array(["a"]), "ad_title": np.array(["b"]), "label": np.array([1])},
             ValidationConfig(),
         )
+
+
+def test_a_table_with_its_own_reason_column_is_refused_by_name():
+    table = pa.table({"query": ["a"], "ad_title": ["b"], "label": [1], "reason": ["mine"]})
+    with pytest.raises(ValueError, match="a column named 'reason', the one this check adds"):
+        validate_table(table, ValidationConfig(), task="t")
 
 
 def test_validate_table_reports_schema_mismatch():

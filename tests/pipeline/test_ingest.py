@@ -10,7 +10,12 @@ import pytest
 from features.synth import SYNTH_TASKS, generate
 from features.tasks import TaskRegistry
 from features.tokenize import TOKEN_COLUMNS, PairTokenizer
-from features.validate import ThresholdExceeded, ValidationConfig, validate_table
+from features.validate import (
+    RESERVED_COLUMNS,
+    ThresholdExceeded,
+    ValidationConfig,
+    validate_table,
+)
 from pipeline.ingest import (
     ARRAY_COLUMNS,
     TokenizeBatch,
@@ -101,6 +106,7 @@ def test_plan_read_routes_unusual_files_to_the_driver(tmp_path):
         tmp_path / "task=a/binary.parquet", {**good_rows(1), "query": pa.array([b"x"], pa.binary())}
     )
     write(tmp_path / "task=a/no_label.parquet", {"query": ["q"], "ad_title": ["t"]})
+    write(tmp_path / "task=a/reserved.parquet", {**good_rows(1), "reason": ["mine"]})
     (tmp_path / "task=a/junk.parquet").write_bytes(b"junk")
     write(tmp_path / "task=a b/p.parquet", good_rows(1))
     plan = plan_read(tmp_path)
@@ -113,6 +119,7 @@ def test_plan_read_routes_unusual_files_to_the_driver(tmp_path):
         "task=a/other_task.parquet",
         "task=a/binary.parquet",
         "task=a/no_label.parquet",
+        "task=a/reserved.parquet",
         "task=a/junk.parquet",
         "task=a b/p.parquet",
     }
@@ -164,6 +171,8 @@ def _plain_path(root, registry, tok_dir) -> dict[str, np.ndarray]:
     cfg = ValidationConfig(known_tasks=tuple(registry.names))
     for task in registry.names:
         for f in sorted((root / f"task={task}").glob("*.parquet")):
+            if set(RESERVED_COLUMNS) & set(pq.read_schema(f).names):
+                continue  # a whole-file refusal: none of its rows is clean
             good, _ = validate_table(pq.read_table(f, partitioning=None), cfg, task=task)
             if good.num_rows == 0:
                 continue
@@ -209,19 +218,27 @@ def test_ray_ingest_matches_plain_path(tmp_path, ray_local, registry, minilm_dir
     )
     write(root / "task=../x/p.parquet", {"query": ["a"], "ad_title": ["b"], "label": [1]})
     write(root / "task=not_registered/p.parquet", {"query": ["a"], "ad_title": ["b"], "label": [1]})
+    # A column named like one ingest adds itself: the file is refused, its values kept.
+    write(
+        root / "task=shopping/reserved.parquet",
+        {"query": ["a", "b"], "ad_title": ["c", "d"], "label": [1, 0], "row_id": [7, 8]},
+    )
 
     cfg = ValidationConfig(max_bad_fraction=0.05)
     result = ingest(root, registry, minilm_dir, MAX_LEN, cfg, quarantine_dir=tmp_path / "q")
     report = result.report
-    assert report.rows_in == 160 + 3 + 2 + 2 + 1  # not_registered is not read
+    assert report.rows_in == 160 + 3 + 2 + 2 + 1 + 2  # not_registered is not read
     assert report.rows_in == report.rows_clean + report.rows_quarantined
     assert report.per_reason == {
         "empty_query": 1, "label_not_binary": 1, "invalid_utf8": 1,
-        "task_mismatch": 1, "invalid_task_name": 1,
+        "task_mismatch": 1, "invalid_task_name": 1, "reserved_column": 2,
     }  # fmt: skip
     assert any(b.path == "task=../x/p.parquet" for b in report.bad_files)
     quarantined = sum(pq.read_metadata(f).num_rows for f in result.quarantine_files)
-    assert quarantined == report.rows_quarantined == 5
+    assert quarantined == report.rows_quarantined == 7
+    kept = [pq.read_table(f) for f in result.quarantine_files]
+    kept = [t for t in kept if "input_row_id" in t.column_names]
+    assert len(kept) == 1 and kept[0].column("input_row_id").to_pylist() == ["7", "8"]
 
     got = to_numpy(result.dataset)
     assert len(got["task_id"]) == report.rows_clean == 163
