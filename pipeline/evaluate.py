@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from features.validate import RESERVED_COLUMNS
 from pipeline.gates import GateConfig, TaskVerdict, judge
 from pipeline.metrics import (
     BOOTSTRAP_METRICS,
@@ -278,12 +279,17 @@ def load_eval_data(data_dir: str | os.PathLike, tasks: list[str] | None = None) 
             bad_name = str(exc)
         for f in sorted(part.rglob("*.parquet")):
             df = _read_parquet(f)
+            # Columns this function adds itself: the file is quarantined, its values kept.
+            reserved = [c for c in RESERVED_COLUMNS if c in df]
+            df = df.rename(columns={c: f"input_{c}" for c in reserved})
             df.insert(0, "row_id", np.arange(next_id, next_id + len(df), dtype=np.int64))
             next_id += len(df)
             df["task"] = name
             df["source_file"] = str(f.relative_to(root))
             if bad_name:
                 df["reason"] = "invalid_task_name"
+            elif reserved:
+                df["reason"] = "reserved_column"
             frames.append(df)
         if not bad_name:
             found.append(name)

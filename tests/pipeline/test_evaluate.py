@@ -436,3 +436,17 @@ def test_errors_name_the_problem(setup, tmp_path):
     ):
         evaluate(setup["a"], nolabel.parent, tmp_path / "o", **FAST)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_file_with_the_reports_own_columns_is_quarantined_with_its_values(setup, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    mine = text_rows("exact", n_queries=1, per_query=3, seed=4).assign(label=[1, 0, 1])
+    mine["reason"] = ["a", None, "c"]
+    mine["row_id"] = [10, 11, 12]
+    mine.to_parquet(data / "task=exact" / "part-mine.parquet", index=False)
+    res = evaluate(setup["a"], data, tmp_path / "o", **FAST, n_boot=0)
+    assert res.metrics["data"]["quarantine_reasons"] == {"reserved_column": 3}
+    q = pd.read_parquet(res.paths["quarantine"])
+    assert sorted(float(v) for v in q["input_row_id"]) == [10, 11, 12]  # kept (as text)
+    assert sorted(q["input_reason"].dropna()) == ["a", "c"] and q["row_id"].is_unique
