@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -186,6 +187,7 @@ def staged_output(
     whole); when it fails the folder is removed and `out` is left as it was.
     """
     check_output(out, overwrite, owns, result, inputs)
+    remove_stale_staging(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:12]}"
@@ -199,6 +201,27 @@ def staged_output(
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial result
+
+
+STALE_STAGING_S = 24 * 3600  # no run writes into its staging folder for a day
+
+
+def remove_stale_staging(out: Path, max_age_s: float = STALE_STAGING_S) -> list[Path]:
+    """Remove the hidden folders next to `out` that killed runs left (staging, or a result
+    swapped out), once untouched for `max_age_s`: a live run's are never that old."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    now = time.time()
+    for pattern in (f".{out.name}.staging-*", f".{out.name}.old-*"):
+        for d in out.parent.glob(pattern):
+            try:
+                if now - d.stat().st_mtime > max_age_s:
+                    shutil.rmtree(d)
+                    removed.append(d)
+            except OSError:
+                continue  # removed meanwhile, or not ours to remove
+    return removed
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -125,3 +125,19 @@ def test_split_dir_refuses_an_out_that_is_a_file(tmp_path):
         split_dir(tmp_path / "in", tmp_path / "f")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'f'} is not a directory")):
         split_dir(tmp_path / "in", tmp_path / "f/sub")
+
+
+def test_a_killed_runs_staging_is_removed_by_a_later_run_after_a_day(tmp_path):
+    import os
+    import time
+
+    write(tmp_path / "in/task=a/p0.parquet", good_rows(20))
+    stale = tmp_path / ".out.staging-deadbeef0000"
+    (stale / "train").mkdir(parents=True)
+    day_ago = time.time() - 25 * 3600
+    os.utime(stale, (day_ago, day_ago))
+    recent = tmp_path / ".out.staging-live00000000"  # another run, writing right now
+    recent.mkdir()
+    split_dir(tmp_path / "in", tmp_path / "out")
+    assert not stale.exists() and recent.exists()
+    assert (tmp_path / "out" / "train").is_dir()
