@@ -3,28 +3,20 @@
 A query's split depends only on its text (lower-cased, whitespace collapsed), so every row of a
 query, in every task and every file, lands in the same split: no query is in two splits.
 
-Output folders (`staged_output`, also used by features.synth): an --out that is not empty is
-refused unless `overwrite`, and then replaced whole; the new result is written into a hidden
-folder next to it and renamed into place at the end, so a run that fails part-way leaves --out
-as it was, never half-written or mixed with an older result.
+The split is written through `features.output.staged_output`: all of it or nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.output import staged_output
 from features.schema import TASK_DIR_PREFIX, discover, normalize_table
 
 SPLITS = ("train", "dev", "test")
@@ -122,117 +114,3 @@ def split_dir(
 
 def _is_split_dir(name: str) -> bool:
     return name in SPLITS
-
-
-# ---------------------------------------------------------------------------------------------
-# Output folders
-
-
-def check_out_path(out: Path) -> None:
-    """Refuse an output path that is, or lies under, something other than a directory."""
-    p = out
-    while not (p.exists() or p.is_symlink()) and p != p.parent:
-        p = p.parent
-    if p == out and not p.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if not p.is_dir():
-        raise ValueError(f"--out {out} cannot be created: {p} is not a directory")
-
-
-def check_output(
-    out: Path,
-    overwrite: bool,
-    owns: Callable[[str], bool],
-    result: str,
-    inputs: tuple[Path, ...] = (),
-) -> None:
-    """Refuse an `out` that overlaps an input, is not a directory or is not empty.
-
-    With `overwrite` a non-empty `out` is accepted when it holds only a `result` of the same
-    kind (every entry name passes `owns`): it is replaced whole, so it must hold nothing else.
-    """
-    for inp in inputs:
-        if out == inp or inp in out.parents:
-            raise ValueError(f"--out {out} must not be the input directory or inside it")
-        if out in inp.parents:
-            raise ValueError(f"--input {inp} is inside --out {out}, which this run would replace")
-    check_out_path(out)
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not entries:
-        return
-    if not overwrite:
-        raise ValueError(
-            f"--out {out} is not empty (it holds {entries[:3]}); choose a new --out or pass "
-            f"--overwrite to replace it"
-        )
-    foreign = [name for name in entries if not owns(name)]
-    if foreign:
-        raise ValueError(
-            f"--out {out} holds {foreign[:5]}, which is not part of {result}; refusing to "
-            f"replace it (choose a new --out)"
-        )
-
-
-@contextmanager
-def staged_output(
-    out: Path,
-    overwrite: bool,
-    owns: Callable[[str], bool],
-    result: str,
-    inputs: tuple[Path, ...] = (),
-) -> Iterator[Path]:
-    """Check `out` (`check_output`) and yield a new hidden folder next to it to write into.
-
-    When the block ends without error that folder becomes `out` (an old result is replaced
-    whole); when it fails the folder is removed and `out` is left as it was.
-    """
-    check_output(out, overwrite, owns, result, inputs)
-    remove_stale_staging(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
-    except OSError as e:
-        raise ValueError(f"--out {out} cannot be written: {e}") from None
-    try:
-        yield staging
-        # Again: another run may have written `out` meanwhile.
-        check_output(out, overwrite, owns, result, inputs)
-        _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial result
-
-
-STALE_STAGING_S = 24 * 3600  # no run writes into its staging folder for a day
-
-
-def remove_stale_staging(out: Path, max_age_s: float = STALE_STAGING_S) -> list[Path]:
-    """Remove the hidden folders next to `out` that killed runs left (staging, or a result
-    swapped out), once untouched for `max_age_s`: a live run's are never that old."""
-    removed = []
-    if not out.parent.is_dir():
-        return removed
-    now = time.time()
-    for pattern in (f".{out.name}.staging-*", f".{out.name}.old-*"):
-        for d in out.parent.glob(pattern):
-            try:
-                if now - d.stat().st_mtime > max_age_s:
-                    shutil.rmtree(d)
-                    removed.append(d)
-            except OSError:
-                continue  # removed meanwhile, or not ours to remove
-    return removed
-
-
-def _publish(staging: Path, out: Path) -> None:
-    if not (out.exists() or out.is_symlink()):
-        os.rename(staging, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old)

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.output import staged_output
 from features.schema import TASK_DIR_PREFIX
-from features.split import staged_output
 
 SYNTH_TASKS = ("exact_match", "broad_match", "shopping", "brand_protect")
 # The pool of pairs lives in memory (about 0.5 KB per pair, rows / overlap pairs) and is built
@@ -473,7 +473,7 @@ def generate(
     rows_per_task / overlap pairs, so two tasks share about `overlap` of their pairs. `noise`
     is the per-task label flip rate. An OUT that is not empty is refused unless `overwrite`
     (then the old data set is replaced whole); OUT is written in one piece or not at all
-    (features.split.staged_output).
+    (features.output.staged_output).
     """
     tasks = tuple(tasks) if tasks else SYNTH_TASKS
     unknown = [t for t in tasks if t not in SYNTH_TASKS]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.output import staged_output
 from features.schema import (
     LABEL_COLUMN,
     READ_TYPES,
@@ -654,18 +654,7 @@ def flat_name(i: int, rel: str) -> str:
     return f"{i:05d}-{name}"
 
 
-def _prepare_out(inp: Path, out: Path, overwrite: bool) -> None:
-    if out == inp or inp in out.parents:
-        raise ValueError(f"--out {out} must not be the input directory or inside it")
-    for sub in ("clean", "quarantine"):
-        d = out / sub
-        if d == inp or d in inp.parents:
-            raise ValueError(f"--input {inp} is inside {d}, which this run would replace")
-        if d.exists() and any(d.iterdir()):
-            if not overwrite:
-                raise ValueError(f"{d} is not empty; choose a new --out or pass --overwrite")
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
+VALIDATION_OUTPUT = ("clean", "quarantine", "report.json")
 
 
 def validate_dir(
@@ -680,7 +669,9 @@ def validate_dir(
     Writes OUT/clean/task=<name>/*.parquet (valid rows, label int8, the task only in the
     directory name), OUT/quarantine/*.parquet
     (rejected rows: original columns as text + reason + source_file + task, see
-    `to_quarantine`) and OUT/report.json, also when the data are refused: the quarantined
+    `to_quarantine`) and OUT/report.json, all at once (`features.output.staged_output`: an OUT
+    that is not empty needs `overwrite` and is then replaced whole), also when the data are
+    refused: the quarantined
     share is over `cfg.max_bad_fraction`, or a file cannot be opened, so its rows are neither
     clean nor quarantined (the report says "refused" and names the file: call `.check()` to
     raise `ThresholdExceeded`). Task directories with invalid names are never written to clean/.
@@ -692,29 +683,34 @@ def validate_dir(
         raise FileNotFoundError(
             f"no data files under {inp} (expected {inp}/{TASK_DIR_PREFIX}<name>/*.parquet)"
         )
-    _prepare_out(inp, out, overwrite)
     report = ValidationReport(
         max_bad_fraction=cfg.max_bad_fraction,
         out_dir=str(out),
         quarantine_dir=str(out / "quarantine"),
     )
-    for i, src in enumerate(sources):
-        clean = None
-        if src.task_ok:
-            inner = src.rel.split("/", 1)[1]  # the path inside the task directory
-            clean = _Sink(out / "clean" / f"{TASK_DIR_PREFIX}{src.task}" / flat_name(i, inner))
-        quarantine = _Sink(out / "quarantine" / flat_name(i, src.rel))
-        try:
-            for good, bad in check_file(src, cfg, report):
-                if good is not None and good.num_rows:
-                    # The partition directory holds the task (a file column would clash
-                    # with it when the tree is read as a Hive dataset).
-                    clean.write(to_clean(good).drop_columns(["task"]))
-                quarantine.write(bad)
-        finally:
-            if clean is not None:
-                clean.close()
-            quarantine.close()
-    report.finish()
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    owns = VALIDATION_OUTPUT.__contains__
+    with staged_output(out, overwrite, owns, "a validation result", inputs=(inp,)) as stage:
+        for sub in ("clean", "quarantine"):
+            (stage / sub).mkdir()
+        for i, src in enumerate(sources):
+            clean = None
+            if src.task_ok:
+                inner = src.rel.split("/", 1)[1]  # the path inside the task directory
+                clean = _Sink(
+                    stage / "clean" / f"{TASK_DIR_PREFIX}{src.task}" / flat_name(i, inner)
+                )
+            quarantine = _Sink(stage / "quarantine" / flat_name(i, src.rel))
+            try:
+                for good, bad in check_file(src, cfg, report):
+                    if good is not None and good.num_rows:
+                        # The partition directory holds the task (a file column would clash
+                        # with it when the tree is read as a Hive dataset).
+                        clean.write(to_clean(good).drop_columns(["task"]))
+                    quarantine.write(bad)
+            finally:
+                if clean is not None:
+                    clean.close()
+                quarantine.close()
+        report.finish()
+        (stage / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

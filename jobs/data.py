@@ -80,7 +80,7 @@ def register(subparsers) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from features.split import check_out_path
+    from features.output import check_out_path
     from features.validate import ValidationConfig, validate_dir
 
     cfg = ValidationConfig(

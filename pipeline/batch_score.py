@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.output import pid_alive
 from features.schema import TASK_DIR_PREFIX, read_schema
 from features.tokenize import TOKEN_COLUMNS, trim_batch
 from features.validate import (
@@ -408,15 +409,8 @@ def _staging_prefix(out: Path) -> str:
 
 
 def _owner_alive(info: dict) -> bool:
-    if info.get("host") != socket.gethostname():
-        return True  # cannot tell: leave it
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True
+    # Another host's: cannot tell, so leave it.
+    return info.get("host") != socket.gethostname() or pid_alive(info.get("pid"))
 
 
 def clean_stale_staging(out: Path, log: Log | None = None) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pyarrow.parquet as pq
@@ -128,7 +129,6 @@ def test_split_dir_refuses_an_out_that_is_a_file(tmp_path):
 
 
 def test_a_killed_runs_staging_is_removed_by_a_later_run_after_a_day(tmp_path):
-    import os
     import time
 
     write(tmp_path / "in/task=a/p0.parquet", good_rows(20))
@@ -141,3 +141,20 @@ def test_a_killed_runs_staging_is_removed_by_a_later_run_after_a_day(tmp_path):
     split_dir(tmp_path / "in", tmp_path / "out")
     assert not stale.exists() and recent.exists()
     assert (tmp_path / "out" / "train").is_dir()
+
+
+def test_a_staging_folder_of_a_process_that_is_gone_is_removed_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write(tmp_path / "in/task=a/p0.parquet", good_rows(20))
+    host = socket.gethostname()
+    dead = tmp_path / f".out.staging-{host}-{gone.pid}-0000aaaa"
+    dead.mkdir()
+    live = tmp_path / f".out.staging-{host}-{os.getpid()}-0000bbbb"  # this process: alive
+    live.mkdir()
+    split_dir(tmp_path / "in", tmp_path / "out")
+    assert not dead.exists() and live.exists()

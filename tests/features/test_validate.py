@@ -252,6 +252,13 @@ def test_output_dir_guards(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         validate_dir(src, tmp_path / "out")
     assert validate_dir(src, tmp_path / "out", overwrite=True).rows_clean == 3
+    # The result is published in one piece: nothing is left beside it, and --overwrite never
+    # deletes what is not a validation result.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds \['notes.txt'\], which is not part of"):
+        validate_dir(src, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match="no data files"):
         validate_dir(tmp_path / "out/quarantine", tmp_path / "o3")
 
