@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # Order is the order of `adrel --help`. Modules not present in this build are skipped.
 COMMAND_MODULES = (
@@ -50,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a command stops as on Ctrl-C (its cleanup runs:
+    staging folders removed, Ray shut down) and exits 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs.runtime import set_env_defaults
 
@@ -59,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        return _run(args)
+    finally:
+        if in_main:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -76,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow's own message names the URI, model or run (e.g. an unsupported URI scheme).
         print(f"adrel {args.command}: error: MLflow: {e}", file=sys.stderr)
         return code
+    except Terminated:
+        print(f"adrel {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"adrel {args.command}: interrupted", file=sys.stderr)
         return 130

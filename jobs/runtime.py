@@ -6,8 +6,11 @@ Library code below jobs/ never calls ray.init or picks a tracking URI: jobs do, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 DEFAULT_WORKDIR = "adrel-work"
@@ -66,9 +69,31 @@ def ensure_ray(
     os.environ.update(env or {})
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"env_vars": {**_worker_env(), **(env or {})}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
-        return True
+    with _keep_sigterm_handler():
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+            return True
+        _init_local(num_cpus, state_api, runtime_env, kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init installs a SIGTERM handler of its own in the driver (a C++ one that dumps a
+    stack and exits): the command's handler (jobs.cli, which stops the run as Ctrl-C does,
+    so its cleanup runs) is put back."""
+    in_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if in_main else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_local(num_cpus, state_api: bool, runtime_env: dict, kwargs: dict) -> None:
+    import ray
+
     # A local head node on a loaded machine can miss Ray's fixed 30 s registration window;
     # starting again usually succeeds, so try a few times before giving up.
     for attempt in range(1, 4):
@@ -88,7 +113,6 @@ def ensure_ray(
             if "timed out during startup" not in str(e) or attempt == 3:
                 raise
             ray.shutdown()
-    return True
 
 
 def free_loopback_port(n: int = 1) -> int:

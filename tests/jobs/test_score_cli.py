@@ -186,6 +186,32 @@ def _start_until_staged(cmd: list[str], out: Path, log: Path, tries: int = 3) ->
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_sigterm_midway_stops_cleanly(export_dir, tmp_path):
+    """SIGTERM (what a scheduler or container runtime sends) stops the run as Ctrl-C does:
+    its own message and exit code, nothing published, no staging, the local Ray shut down."""
+    inv = synth_inventory(tmp_path / "inv", 1500)
+    out = tmp_path / "scores"
+    args = ["--model", export_dir, "--input", inv, "--output", out, "--block-rows", "8"]
+    cmd = [sys.executable, "-m", "jobs", "score", "--num-cpus", "2", *map(str, args)]
+    log = tmp_path / "terminated-run.log"
+    proc = _start_until_staged(cmd, out, log)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+        for _ in range(100):  # Ray's processes take a moment to go
+            if not _session_members(proc.pid):
+                break
+            time.sleep(0.1)
+        assert not _session_members(proc.pid), "Ray processes outlived the run"
+    finally:
+        for pid in _session_members(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "adrel score: terminated (SIGTERM)" in text and "SIGTERM received" not in text
+    assert not out.exists() and not staging_dirs(out)
+
+
 def test_sigkill_midway_leaves_no_visible_output_and_rerun_completes(
     export_dir, tmp_path, ray_local, capsys
 ):
