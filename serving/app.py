@@ -46,7 +46,7 @@ import ray
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -68,6 +68,14 @@ class Item(BaseModel):
     query: str = Field(min_length=1, description="The user's search query.")
     ad_title: str = Field(min_length=1, description="The ad's title.")
     ad_description: str | None = Field(None, description="The ad's description (optional).")
+
+    @field_validator("query", "ad_title")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        # As the batch contract (features.validate: empty_query, empty_ad_title).
+        if not v.strip():
+            raise ValueError("must contain a character other than whitespace")
+        return v
 
 
 class ScoreRequest(BaseModel):

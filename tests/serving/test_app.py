@@ -678,6 +678,8 @@ def test_bad_input_gets_its_status_and_the_service_keeps_answering(service):
         ("items not a list", {"json": {"task": "search", "items": "red shoes"}}, 422, "items"),
         ("query not a string", {"json": {"task": "search", "items": [{"query": 3, "ad_title": "t"}]}}, 422, "items[0].query"),
         ("unknown field", {"json": {"task": "search", "items": [{**ok_item, "ad_desc": "x"}]}}, 422, "items[0].ad_desc"),
+        ("blank query", {"json": {"task": "search", "items": [ok_item, {**ok_item, "query": " \t "}]}}, 422, "items[1].query: Value error, must contain a character other than whitespace"),
+        ("blank ad_title", {"json": {"task": "search", "items": [{**ok_item, "ad_title": "\u3000"}]}}, 422, "items[0].ad_title"),
         ("unknown task", {"json": {"task": "nope", "items": [ok_item]}}, 404, "nope"),
         ("too many items", {"json": {"task": "search", "items": [ok_item] * (LIMITS["max_items"] + 1)}}, 413, "items"),
         ("text too long", {"json": {"task": "search", "items": [ok_item, {**ok_item, "ad_description": "x" * 301}]}}, 413, "items[1].ad_description"),
