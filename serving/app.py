@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import ray
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,6 +56,8 @@ from serving.config import BatchingConfig, LimitsConfig, ServeConfig
 logger = logging.getLogger("ray.serve")
 
 API_VERSION = "1"
+# FastAPI's 400 for a body json.loads raised on with something other than a decode error.
+FASTAPI_BODY_UNREADABLE = "There was an error parsing the body"
 
 
 # ---- request and response bodies ----------------------------------------------------------
@@ -813,6 +816,18 @@ def build_api(service: ScoringService) -> FastAPI:
         summary = "; ".join(f"{e['field']}: {e['msg']}" for e in errors[:5])
         return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
 
+    @api.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> Any:
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_UNREADABLE:
+            # JSON that json.loads cannot take although it is well formed (invalid UTF-8,
+            # nesting too deep, an integer too long): a malformed body like any other.
+            cause = exc.__cause__
+            why = f": {type(cause).__name__}: {cause}"[:300] if cause else ""
+            error = {"field": "body", "msg": f"the body cannot be read as JSON{why}",
+                     "type": "json_invalid"}  # fmt: skip
+            return JSONResponse({"detail": f"body: {error['msg']}", "errors": [error]}, 422)
+        return await http_exception_handler(request, exc)
+
     @api.exception_handler(ServiceError)
     async def _refused(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
@@ -860,7 +875,16 @@ def build_api(service: ScoringService) -> FastAPI:
         },
         summary="Load the model source again and swap the new models in",
     )
-    async def reload() -> dict[str, Any]:
+    async def reload(request: Request) -> dict[str, Any]:
+        body = (await request.body()).strip()
+        if body not in (b"", b"{}"):
+            # Nothing here chooses what is loaded: a client sending a source or a version
+            # must not take the answer for a switch to it.
+            raise ServiceError(
+                422,
+                f"POST /v1/reload takes no body: it loads the source the service was started "
+                f"with ({service.cfg.model}) again; got {body[:80]!r}",
+            )
         try:
             done = await service.reload()
         except ServiceError:

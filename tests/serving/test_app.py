@@ -673,6 +673,8 @@ def test_bad_input_gets_its_status_and_the_service_keeps_answering(service):
     ok_item = {"query": "red shoes", "ad_title": "Running shoes"}
     cases = [
         ("malformed JSON", {"content": b'{"task": "search", "items": [', "headers": {"content-type": "application/json"}}, 422, "body"),
+        ("invalid UTF-8", {"content": b'{"task": "search", "items": [{"query": "\xff\xfe", "ad_title": "t"}]}', "headers": {"content-type": "application/json"}}, 422, "body: the body cannot be read as JSON"),
+        ("nesting too deep", {"content": b"[" * 30_000 + b"]" * 30_000, "headers": {"content-type": "application/json"}}, 422, "body: the body cannot be read as JSON"),
         ("missing task", {"json": {"items": [ok_item]}}, 422, "task"),
         ("missing ad_title", {"json": {"task": "search", "items": [ok_item, {"query": "q"}]}}, 422, "items[1].ad_title"),
         ("items not a list", {"json": {"task": "search", "items": "red shoes"}}, 422, "items"),
@@ -745,6 +747,9 @@ def test_reload_swaps_the_champion_without_dropping_requests(service, registry):
             reload = await ac.post("/v1/reload")
             return reload, [r for s in streams for r in await s]
 
+    # A body would suggest it picks what is loaded: refused.
+    refused = service.post("/v1/reload", json={"model": "models:/adrel-search/1"})
+    assert refused.status_code == 422 and "takes no body" in refused.json()["detail"]
     reload, responses = asyncio.run(load_during_reload())
     assert reload.status_code == 200, reload.text
     assert reload.json()["model_versions"] == registry["v2"]
