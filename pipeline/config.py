@@ -35,6 +35,29 @@ def check_run_name(v: Any) -> str | None:
     return v
 
 
+def check_tasks(v: Any) -> Any:
+    """A list of valid, distinct task names (every bad one named at once), or "all"."""
+    if isinstance(v, list):
+        from features.tasks import check_task_name
+
+        if not v:
+            raise ValueError('list at least one task, or use "all"')
+        bad = []
+        for name in v:
+            try:
+                check_task_name(name)
+            except ValueError:
+                bad.append(name)
+        if bad:
+            raise ValueError(
+                f"invalid task name(s) {bad}: use 1-64 letters, digits, '_' or '-', starting "
+                "with a letter or digit (no path separators, no '..')"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate task names in {v}")
+    return v
+
+
 class _Section(BaseModel):
     # nan and inf pass every `>= 0` bound; no setting here means them (YAML: .nan, .inf).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -66,19 +89,7 @@ class DataSection(_Section):
     quarantine_dir: str | None = None
     synthetic: SyntheticSection | None = None
 
-    @field_validator("tasks")
-    @classmethod
-    def _check_tasks(cls, v):
-        if isinstance(v, list):
-            from features.tasks import check_task_name
-
-            if not v:
-                raise ValueError('list at least one task, or use "all"')
-            for name in v:
-                check_task_name(name)
-            if len(set(v)) != len(v):
-                raise ValueError(f"duplicate task names in {v}")
-        return v
+    _check_tasks = field_validator("tasks")(check_tasks)
 
     @field_validator("validation")
     @classmethod

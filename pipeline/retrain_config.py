@@ -17,6 +17,7 @@ from pipeline.config import (
     TrainConfig,
     _Section,
     check_run_name,
+    check_tasks,
     read_yaml,
     validate_config,
 )
@@ -38,6 +39,8 @@ class WindowSection(_Section):
     tasks: list[str] | Literal["all"] = "all"
     max_length: int = Field(128, ge=8, le=4096)
     validation: dict[str, Any] = Field(default_factory=dict)
+
+    _check_tasks = field_validator("tasks")(check_tasks)
 
     @field_validator("validation")
     @classmethod

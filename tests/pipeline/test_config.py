@@ -88,7 +88,10 @@ def test_defaults_and_overrides(tmp_path):
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError) as e:
         build_config(
-            {"data": {"dev_root": "dv", "tasks": ["ok", "bad/name"]}, "optim": {"lr": -1}},
+            {
+                "data": {"dev_root": "dv", "tasks": ["ok", "bad/name", "../x", ""]},
+                "optim": {"lr": -1},
+            },
             [
                 "optim.schedule=step",
                 "model.adapter.r=0",
@@ -108,7 +111,7 @@ def test_all_errors_reported_at_once():
     for needle in (
         "data.train_root: Field required",
         "data.tasks",
-        "'bad/name'",
+        "invalid task name(s) ['bad/name', '../x', '']",
         "optim.lr",
         "(got -1)",
         "optim.schedule",
@@ -186,6 +189,9 @@ def test_run_name_as_typed_and_yaml_scalars_refused_with_a_hint():
         load_retrain_config(demo, values={"run_name": "r" * 123})
     with pytest.raises(ConfigError, match="quote it"):
         load_retrain_config(demo, ["run_name=20261129"])
+    # The retrain window's tasks are checked up front, like the training config's.
+    with pytest.raises(ConfigError, match=r"data.tasks: .*invalid task name\(s\) \['\.\./x'\]"):
+        load_retrain_config(demo, ["data.tasks=[../x, ok]"])
 
 
 def test_nan_and_inf_are_refused_where_a_number_is_asked():
