@@ -10,6 +10,7 @@ Used by `adrel data synth`, `data split` and `data validate`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import socket
@@ -94,7 +95,7 @@ def staged_output(
         yield staging
         # Again: another run may have written `out` meanwhile.
         check_output(out, overwrite, owns, result, inputs)
-        _publish(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial result
 
@@ -107,14 +108,13 @@ def remove_stale_staging(out: Path, max_age_s: float = STALE_STAGING_S) -> list[
     if not out.parent.is_dir():
         return removed
     now = time.time()
-    for pattern in (f".{out.name}.staging-*", f".{out.name}.old-*"):
-        for d in out.parent.glob(pattern):
-            try:
-                if not _owner_alive(d.name) or now - d.stat().st_mtime > max_age_s:
-                    shutil.rmtree(d)
-                    removed.append(d)
-            except OSError:
-                continue  # removed meanwhile, or not ours to remove
+    for d in out.parent.glob(f".{out.name}.staging-*"):
+        try:
+            if not _owner_alive(d.name) or now - d.stat().st_mtime > max_age_s:
+                shutil.rmtree(d)
+                removed.append(d)
+        except OSError:
+            continue  # removed meanwhile, or not ours to remove
     return removed
 
 
@@ -137,15 +137,38 @@ def pid_alive(pid) -> bool:
     return True
 
 
-def _publish(staging: Path, out: Path) -> None:
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def replace_dir(staging: Path, out: Path) -> None:
+    """Make the finished folder `staging` the folder `out`, replacing a previous one whole:
+    readers see the old or the new, never half of one. One atomic exchange where the system
+    has it; else two renames (the old one put back if the second fails). The previous result
+    is then removed; a kill before that leaves it as `.<out>.staging-old-<id>`, which
+    `remove_stale_staging` (and batch scoring's own cleaner) removes later."""
     if not (out.exists() or out.is_symlink()):
         os.rename(staging, out)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+    if _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous result
+        return
+    old = out.parent / f".{out.name}.staging-old-{uuid.uuid4().hex[:12]}"
     os.rename(out, old)
     try:
         os.rename(staging, out)
     except BaseException:
         os.rename(old, out)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,6 @@ leaves only its hidden staging directory, removed by the next run once its owner
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.output import pid_alive
+from features.output import pid_alive, replace_dir
 from features.schema import TASK_DIR_PREFIX, read_schema
 from features.tokenize import TOKEN_COLUMNS, trim_batch
 from features.validate import (
@@ -465,33 +464,12 @@ def check_output(inp: Path, out: Path, overwrite: bool) -> None:
             )
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
-
-
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Make `staging` the output in one rename; with overwrite, swap out the old result."""
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputExists(f"output {out} was written by another run meanwhile; not replaced")
-        if not _exchange(staging, out):
-            # No atomic exchange here: two renames (readers may find no OUTPUT in between).
-            old = out.parent / f"{_staging_prefix(out)}old-{uuid.uuid4().hex[:12]}"
-            os.rename(out, old)
-            os.rename(staging, out)
-            staging = old
-        shutil.rmtree(staging)  # now the previous result
+        replace_dir(staging, out)
     else:
         try:
             os.rename(staging, out)  # replaces an empty directory, never a non-empty one

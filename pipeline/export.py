@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.output import replace_dir
 from models.config import ConfigError
 
 INDEX_FILE = "index.json"
@@ -756,7 +757,7 @@ def export_checkpoint(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        _publish(tmp, out)
+        replace_dir(tmp, out)  # readers see the old export or the new one, never half
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     published = {t: TaskExport(t, out / t, te.parity, te.meta) for t, te in exported.items()}
@@ -779,21 +780,6 @@ def check_out(out: str | os.PathLike, ckpt: str | os.PathLike | None = None) -> 
             raise OutputError(
                 f"--out {out} is inside the checkpoint {ckpt}: choose another directory"
             )
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished export into place: readers see the old or the new one, never half."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_index(export_dir: str | Path) -> dict:
