@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         BatchScoreError,
         OutputExists,
         plan_scoring,
+        remove_own_staging,
         score_inventory,
     )
 
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if started:
             shutdown_ray()
+            remove_own_staging(planned.output_dir)  # what actors wrote after a stop's cleanup
     if args.quiet:
         print(result.summary())
     return 0

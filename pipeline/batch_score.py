@@ -437,9 +437,25 @@ def clean_stale_staging(out: Path, log: Log | None = None) -> list[Path]:
     return removed
 
 
+def _own_staging_prefix(out: Path) -> str:
+    return f"{_staging_prefix(out)}{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_own_staging(out: Path) -> list[Path]:
+    """Remove the staging directories of `out` this process made, once the run is over and
+    its writers are gone (Ray shut down): scoring actors still writing when a stopped run
+    cleaned up can create files in it again."""
+    removed = []
+    if out.parent.is_dir():
+        for d in out.parent.glob(_own_staging_prefix(out) + "*"):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def _make_staging(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f"{_staging_prefix(out)}{uuid.uuid4().hex[:12]}"
+    staging = out.parent / f"{_own_staging_prefix(out)}{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     (staging / OWNER_FILE).write_text(json.dumps(info))
