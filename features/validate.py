@@ -56,9 +56,14 @@ ROW_REASONS = (
     "bad_weight",
 )
 # Whole-file reasons: every row of the file gets it.
-FILE_REASONS = ("unreadable_file", "missing_column", "schema_mismatch", "invalid_task_name")
+FILE_REASONS = (
+    "unreadable_file",
+    "missing_column",
+    "schema_mismatch",
+    "invalid_task_name",
+    "reserved_column",
+)
 REASONS = tuple(dict.fromkeys((*ROW_REASONS, *FILE_REASONS)))
-QUARANTINE_COLUMNS = ("reason", "source_file", "task")
 # Columns the pipeline adds to rows itself (the quarantine's reason and source_file, ingest's
 # row_id): an input file with one of them is refused as a whole (`reserved_column`), its rows
 # quarantined with those columns kept as input_<name>.
@@ -495,12 +500,10 @@ def _first_line(e: BaseException) -> str:
 def _with_columns(table: pa.Table, reason: str, source: str | None = None, task=None) -> pa.Table:
     """Quarantine form: the rows' columns plus reason, source_file and (if absent) task."""
     n = table.num_rows
-    for name in RESERVED_COLUMNS:  # the input's own values are kept, under another name
-        if name in table.column_names:
-            i = table.column_names.index(name)
-            table = table.rename_columns(
-                [f"input_{c}" if k == i else c for k, c in enumerate(table.column_names)]
-            )
+    # The input's own values of the columns added here are kept, under another name.
+    table = table.rename_columns(
+        [f"input_{c}" if c in RESERVED_COLUMNS else c for c in table.column_names]
+    )
     table = table.append_column("reason", pa.array([reason] * n, pa.string()))
     if source is not None:
         table = table.append_column("source_file", pa.array([source] * n, pa.string()))
@@ -671,10 +674,10 @@ def validate_dir(
     (rejected rows: original columns as text + reason + source_file + task, see
     `to_quarantine`) and OUT/report.json, all at once (`features.output.staged_output`: an OUT
     that is not empty needs `overwrite` and is then replaced whole), also when the data are
-    refused: the quarantined
-    share is over `cfg.max_bad_fraction`, or a file cannot be opened, so its rows are neither
-    clean nor quarantined (the report says "refused" and names the file: call `.check()` to
-    raise `ThresholdExceeded`). Task directories with invalid names are never written to clean/.
+    refused: the quarantined share is over `cfg.max_bad_fraction`, or a file cannot be opened,
+    so its rows are neither clean nor quarantined (the report says "refused" and names the
+    file: call `.check()` to raise `ThresholdExceeded`). Task directories with invalid names
+    are never written to clean/.
     """
     cfg = cfg or ValidationConfig()
     inp, out = Path(input_dir).resolve(), Path(out_dir).resolve()

@@ -4,16 +4,15 @@ adrel data validate --input DIR --out DIR [--max-bad-fraction F] [--max-text-cha
 adrel data synth --out DIR --rows-per-task N --seed S [--tasks ...] [--no-label] [--overwrite]
 adrel data split --input DIR --out DIR [--fractions TRAIN DEV TEST] [--overwrite]
 
-synth and split refuse an --out that is not empty unless --overwrite, which replaces the old
-result whole; they write next to --out and rename into place at the end, so a failed run
-leaves --out as it was.
+validate, synth and split refuse an --out that is not empty unless --overwrite, which replaces
+the old result whole; they write next to --out and rename into place at the end, so a failed
+or stopped run leaves --out as it was (features.output).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from jobs.cli import UserError
 
@@ -46,7 +45,7 @@ def register(subparsers) -> None:
         "--no-label", action="store_true", help="scoring input: rows need no label column"
     )
     v.add_argument("--tasks", nargs="+", default=None, help="known tasks; others are quarantined")
-    v.add_argument("--overwrite", action="store_true", help="replace OUT/clean and OUT/quarantine")
+    v.add_argument("--overwrite", action="store_true", help="replace the validation result in OUT")
     v.set_defaults(func=run_validate)
 
     s = sub.add_parser("synth", help="write a realistic synthetic multi-task ads data set")
@@ -80,7 +79,6 @@ def register(subparsers) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from features.output import check_out_path
     from features.validate import ValidationConfig, validate_dir
 
     cfg = ValidationConfig(
@@ -89,7 +87,6 @@ def run_validate(args: argparse.Namespace) -> int:
         known_tasks=args.tasks,
         max_bad_fraction=args.max_bad_fraction,
     )
-    check_out_path(Path(args.out).resolve())  # validate_dir fails on a file with a traceback
     report = validate_dir(args.input, args.out, cfg, overwrite=args.overwrite)
     print(report.table())
     if report.over_threshold:

@@ -268,8 +268,7 @@ def load_eval_data(data_dir: str | os.PathLike, tasks: list[str] | None = None) 
     wanted = set(tasks) if tasks else None
     frames, next_id, found = [], 0, []
     available = [part.name[len("task=") :] for part in parts]
-    for part in parts:
-        name = part.name[len("task=") :]
+    for part, name in zip(parts, available):
         if wanted is not None and name not in wanted:
             continue
         try:

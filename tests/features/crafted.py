@@ -115,12 +115,14 @@ def reason_files(root: Path) -> dict[str, tuple[str, int]]:
             pa.table({"query": ["a", "b"], "label": [1, 0]}),
         ),
         "invalid_task_name": ("task=../x/injected.parquet", rows({}, good=False)),
+        "reserved_column": ("task=shop/reserved.parquet", rows({"source_file": "mine"})),
     }
     bad_counts = {
         "unknown_task": 1,
         "schema_mismatch": 2,
         "missing_column": 2,
         "invalid_task_name": 1,
+        "reserved_column": 2,
     }
     out = {}
     for reason, (rel, table) in files.items():
