@@ -211,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
+    # ensure_ray keeps the SIGTERM handler across ray.init (which installs one that aborts).
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
     connected = False
     try:
@@ -218,8 +219,6 @@ def run(args: argparse.Namespace) -> int:
             connected = ensure_ray(address=address, num_cpus=args.num_cpus, env=cfg.ray_env())
         except Exception as e:  # e.g. a raylet that did not come up
             raise UserError(f"Ray did not start: {e}", exit_code=1) from None
-        for s in signals:  # ray.init installs its own SIGTERM handler (it aborts): ours again
-            signal.signal(s, lambda *_: stop.set())
         from ray import serve
 
         try:
