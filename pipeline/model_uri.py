@@ -98,10 +98,10 @@ def parse_model_uri(uri: str | os.PathLike) -> ModelRef:
 def require_store(tracking_uri: str) -> None:
     """Reading from a local sqlite store that is not there is a mistake (a mistyped path, the
     wrong work directory), not a request for a new empty store: MLflow would create one."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return
-    path = Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
-    if str(path) != ":memory:" and not path.is_file():
+    from pipeline.tracking import sqlite_path
+
+    path = sqlite_path(tracking_uri)
+    if path is not None and str(path) != ":memory:" and not path.is_file():
         raise ModelURIError(
             f"no MLflow store at {tracking_uri!r}: {path} does not exist; point --tracking-uri "
             "(or MLFLOW_TRACKING_URI) at the store the model is registered in"

@@ -27,6 +27,13 @@ def resolve_tracking_uri(workdir: str | Path, configured: str | None = None) -> 
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI (query string dropped), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+
+
 def artifact_location(tracking_uri: str, workdir: str | Path | None = None) -> str | None:
     """Where a new experiment keeps artifacts: under the workdir for a local (sqlite/file)
     store (without one: beside the sqlite file), the server's choice otherwise. Never relative
@@ -35,9 +42,10 @@ def artifact_location(tracking_uri: str, workdir: str | Path | None = None) -> s
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         return None
     if workdir is None:
-        if not tracking_uri.startswith("sqlite:///"):
+        db = sqlite_path(tracking_uri)
+        if db is None:
             return None
-        workdir = Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0]).parent
+        workdir = db.parent
     return (Path(workdir) / "mlartifacts").resolve().as_uri()
 
 
